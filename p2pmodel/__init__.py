@@ -1,0 +1,16 @@
+"""p2pmodel: build models the way open-source software is built.
+
+Map of the core (this package imports neither `p2pmodel.protocols` nor `p2pmodel.daemon`):
+
+- `lineage/`   — version control for models: content-addressed tensors, versions, refs, index.
+- `merge/`     — merge methods registered by name, and the streaming merge engine.
+- `tasks/`     — training-task plugins (`charlm` built in, Hugging Face causal LM adapter).
+- `training.py`— the inner loop and DiLoCo's outer step.
+- `checkpoint.py` — reading and writing checkpoints (safetensors files and folders).
+- `cli/`       — the `p2pmodel` command line (porcelain over everything).
+
+`p2pmodel.protocols` (source in `protocols/`) is the pure wire layer; `p2pmodel.daemon`
+(source in `daemon/`) is the asyncio node. See docs/ARCHITECTURE.md.
+"""
+
+__version__ = "0.1.0"
