@@ -1,0 +1,800 @@
+"""Wire messages: one frozen dataclass per message, their schemas, limits and msgpack encoding.
+
+Every message travels inside the same envelope, a msgpack map written with sorted keys::
+
+    {"b": body, "t": type_name, "v": [major, minor]}
+
+`body` is a map from field name to value. A reader ignores body fields it does not know (a
+newer minor version may add fields, always with a default) and refuses a different major
+version with `UnsupportedVersion`. The exact rules are in `protocols/SPEC.md`; the test
+vectors in `protocols/vectors/` pin the bytes.
+
+Each field's type and range is declared once, in its annotation (`Round`, `Sha256Hex`, ...),
+and checked when a message is built. Building a bad message is our bug and raises
+`InvalidMessage` (a `LocalProtocolError`); decoding a bad one is the peer's fault and raises a
+`RemoteProtocolError` subclass. `decode` raises nothing else, for any input bytes.
+
+The encoding is canonical (sorted map keys, floats as float64, shortest integer forms), so
+`message_hash(msg)` — sha256 of `encode(msg)` — is the same on every peer running the same
+major.minor version. It is the proposal hash that votes refer to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import typing
+from dataclasses import MISSING, dataclass, fields
+from enum import IntEnum
+from typing import Annotated, Any, ClassVar, NamedTuple
+
+import msgpack
+
+from .errors import (
+    InvalidMessage,
+    LocalProtocolError,
+    MalformedMessage,
+    MessageTooLarge,
+    SchemaError,
+    UnexpectedMessage,
+    UnknownMessageType,
+    UnsupportedVersion,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "LIMITS",
+    "MAX_CHUNK",
+    "MAX_MEMBERS",
+    "Message",
+    "PeerAnnouncement",
+    "Departure",
+    "DeltaAnnouncement",
+    "DeltaRequest",
+    "DeltaChunk",
+    "ProposalDelta",
+    "Proposal",
+    "Vote",
+    "Commit",
+    "VersionRequest",
+    "VersionResponse",
+    "ObjectRequest",
+    "ObjectChunk",
+    "RejectCode",
+    "Reject",
+    "MESSAGE_TYPES",
+    "encode",
+    "decode",
+    "message_hash",
+    "peer_id_of",
+    "sender_of",
+    "schema_of",
+]
+
+# (major, minor). A reader refuses another major; a newer minor only adds defaulted fields.
+PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+
+# ---------------------------------------------------------------------------------------
+# Limits: every bound of the wire format lives in this block.
+# ---------------------------------------------------------------------------------------
+
+KiB = 1024
+MiB = 1024 * KiB
+
+MAX_CHUNK = 1 * MiB  # bytes of payload in one DeltaChunk / ObjectChunk
+MAX_PAYLOAD = 1 << 40  # bytes: the largest delta or tensor object a stream may announce
+MAX_MEMBERS = 1024  # peers in one round's proposal (and votes in one certificate)
+MAX_ADDRS = 16  # multiaddrs in one PeerAnnouncement
+MAX_ADDR_LEN = 256  # characters of one multiaddr
+MAX_MAP_ITEMS = 32  # entries of capabilities / merge params
+MAX_METRICS = 16  # entries of a metrics map (a vote must stay small: certificates hold 1024)
+MAX_KEY_LEN = 64  # characters of a map key (capability, metric or parameter name)
+MAX_TEXT = 256  # characters of a free-text scalar (capability value, reject detail)
+MAX_NAME = 64  # characters of a merge method name
+MAX_LIBP2P_ID = 128  # characters of a base58 libp2p peer id
+MAX_RECORD = 4 * MiB  # bytes of one lineage version record
+MAX_U63 = (1 << 63) - 1  # integers are non-negative and fit a signed 64-bit int
+
+# Largest encoded message, in bytes, per type. A reader checks the size before parsing.
+LIMITS: dict[str, int] = {
+    "peer_announcement": 16 * KiB,
+    "departure": 512,
+    "delta_announcement": 1 * KiB,
+    "delta_request": 512,
+    "delta_chunk": MAX_CHUNK + 1 * KiB,
+    "proposal": 256 * KiB,
+    "vote": 2 * KiB,
+    "commit": 8 * MiB,
+    "version_request": 512,
+    "version_response": 8 * MiB,
+    "object_request": 512,
+    "object_chunk": MAX_CHUNK + 1 * KiB,
+    "reject": 1 * KiB,
+}
+MAX_MESSAGE = max(LIMITS.values())
+SIGNED_OVERHEAD = 128  # bytes a signed envelope adds around its payload (key, signature, framing)
+MAX_SIGNED_VOTE = LIMITS["vote"] + SIGNED_OVERHEAD  # one entry of a quorum certificate
+
+# Parser bounds handed to msgpack, so that no declared length can make it allocate more.
+_UNPACK_LIMITS = dict(
+    max_str_len=4 * KiB,
+    max_array_len=4 * MAX_MEMBERS,
+    max_map_len=4 * MAX_MAP_ITEMS,
+    max_ext_len=0,
+)
+
+# ---------------------------------------------------------------------------------------
+# Field checks. Each returns the normalised value or raises _Bad(reason).
+# ---------------------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """Internal: a field value broke its check. Turned into InvalidMessage or SchemaError."""
+
+    def __init__(self, reason: str, path: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path = path  # "[3][1]" for nested values
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Check:
+    def __call__(self, v: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class UInt(_Check):
+    """A non-negative integer no larger than `max`."""
+
+    def __init__(self, max: int = MAX_U63, min: int = 0) -> None:
+        self.min, self.max = min, max
+
+    def __call__(self, v: Any) -> int:
+        if not _is_int(v):
+            raise _Bad(f"expected an integer, got {type(v).__name__}")
+        if not self.min <= v <= self.max:
+            raise _Bad(f"{v} is outside [{self.min}, {self.max}]")
+        return int(v)
+
+    def describe(self) -> str:
+        return f"uint in [{self.min}, {self.max if self.max != MAX_U63 else '2^63-1'}]"
+
+
+class Real(_Check):
+    """A finite float (integers are accepted and converted), optionally >= min."""
+
+    def __init__(self, min: float | None = None) -> None:
+        self.min = min
+
+    def __call__(self, v: Any) -> float:
+        if not (isinstance(v, float) or _is_int(v)):
+            raise _Bad(f"expected a number, got {type(v).__name__}")
+        try:
+            f = float(v)
+        except OverflowError:
+            raise _Bad("number too large for a float64") from None
+        if not math.isfinite(f):
+            raise _Bad(f"{f} is not finite")
+        if self.min is not None and f < self.min:
+            raise _Bad(f"{f} is below {self.min}")
+        return f
+
+    def describe(self) -> str:
+        return "finite float64" + (f" >= {self.min:g}" if self.min is not None else "")
+
+
+class Hex(_Check):
+    """A lowercase hex string encoding exactly `nbytes` bytes."""
+
+    def __init__(self, nbytes: int, what: str) -> None:
+        self.nbytes, self.what = nbytes, what
+        self._re = re.compile(f"[0-9a-f]{{{2 * nbytes}}}")
+
+    def __call__(self, v: Any) -> str:
+        if not isinstance(v, str):
+            raise _Bad(f"expected a hex string, got {type(v).__name__}")
+        if not self._re.fullmatch(v):
+            raise _Bad(f"expected {2 * self.nbytes} lowercase hex digits ({self.what})")
+        return v
+
+    def describe(self) -> str:
+        return f"str, {2 * self.nbytes} lowercase hex digits ({self.what})"
+
+
+class Text(_Check):
+    """A string of at most `max_len` characters, optionally matching `pattern`."""
+
+    def __init__(self, max_len: int, *, min_len: int = 0, pattern: str | None = None, what: str = "") -> None:
+        self.max_len, self.min_len, self.what = max_len, min_len, what
+        self._re = re.compile(pattern) if pattern else None
+
+    def __call__(self, v: Any) -> str:
+        if not isinstance(v, str):
+            raise _Bad(f"expected a string, got {type(v).__name__}")
+        if not self.min_len <= len(v) <= self.max_len:
+            raise _Bad(f"length {len(v)} is outside [{self.min_len}, {self.max_len}]")
+        if self._re is not None and not self._re.fullmatch(v):
+            raise _Bad(f"{v[:40]!r} is not a valid {self.what or 'value'}")
+        return v
+
+    def describe(self) -> str:
+        extra = f", {self.what}" if self.what else ""
+        return f"str, {self.min_len}..{self.max_len} chars{extra}"
+
+
+class Blob(_Check):
+    """Raw bytes (msgpack bin) of length in [min_len, max_len]."""
+
+    def __init__(self, max_len: int, *, min_len: int = 0) -> None:
+        self.min_len, self.max_len = min_len, max_len
+
+    def __call__(self, v: Any) -> bytes:
+        if isinstance(v, (bytearray, memoryview)):
+            v = bytes(v)
+        if not isinstance(v, bytes):
+            raise _Bad(f"expected bytes, got {type(v).__name__}")
+        if not self.min_len <= len(v) <= self.max_len:
+            raise _Bad(f"length {len(v)} is outside [{self.min_len}, {self.max_len}]")
+        return v
+
+    def describe(self) -> str:
+        if self.min_len == self.max_len:
+            return f"bin, exactly {self.max_len} bytes"
+        return f"bin, {self.min_len}..{self.max_len} bytes"
+
+
+class Scalar(_Check):
+    """A str (<= MAX_TEXT chars), bool, uint or finite float: capability and parameter values."""
+
+    _text = Text(MAX_TEXT)
+    _int = UInt()
+    _real = Real()
+
+    def __call__(self, v: Any) -> str | bool | int | float:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str):
+            return self._text(v)
+        if _is_int(v):
+            return self._int(v)
+        if isinstance(v, float):
+            return self._real(v)
+        raise _Bad(f"expected str, bool, int or float, got {type(v).__name__}")
+
+    def describe(self) -> str:
+        return f"str (<= {MAX_TEXT} chars) | bool | uint | finite float64"
+
+
+class Seq(_Check):
+    """An array of at most `max_items` items, each checked by `item`; optionally unique."""
+
+    def __init__(self, item: _Check, max_items: int, *, min_items: int = 0, unique: bool = False) -> None:
+        self.item, self.max_items, self.min_items, self.unique = item, max_items, min_items, unique
+
+    def __call__(self, v: Any) -> tuple:
+        if not isinstance(v, (tuple, list)):
+            raise _Bad(f"expected an array, got {type(v).__name__}")
+        if not self.min_items <= len(v) <= self.max_items:
+            raise _Bad(f"{len(v)} items is outside [{self.min_items}, {self.max_items}]")
+        out = []
+        for i, x in enumerate(v):
+            try:
+                out.append(self.item(x))
+            except _Bad as e:
+                raise _Bad(e.reason, f"[{i}]{e.path}") from None
+        if self.unique and len(set(out)) != len(out):
+            raise _Bad("items are not unique")
+        return tuple(out)
+
+    def describe(self) -> str:
+        u = ", unique" if self.unique else ""
+        return f"array of {self.min_items}..{self.max_items} ({self.item.describe()}){u}"
+
+
+class Record(_Check):
+    """A fixed-length array whose positions have their own checks, returned as `factory`."""
+
+    def __init__(self, factory: type, *items: _Check) -> None:
+        self.factory, self.items = factory, items
+
+    def __call__(self, v: Any) -> tuple:
+        if not isinstance(v, (tuple, list)) or len(v) != len(self.items):
+            raise _Bad(f"expected an array of {len(self.items)} items")
+        out = []
+        for i, (check, x) in enumerate(zip(self.items, v)):
+            try:
+                out.append(check(x))
+            except _Bad as e:
+                raise _Bad(e.reason, f"[{i}]{e.path}") from None
+        return self.factory(*out)
+
+    def describe(self) -> str:
+        names = getattr(self.factory, "_fields", None) or [str(i) for i in range(len(self.items))]
+        return "[" + ", ".join(f"{n}: {c.describe()}" for n, c in zip(names, self.items)) + "]"
+
+
+class Map(_Check):
+    """A map from short strings to values checked by `value`, returned with sorted keys."""
+
+    def __init__(self, value: _Check, max_items: int = MAX_MAP_ITEMS) -> None:
+        self.key = Text(MAX_KEY_LEN, min_len=1)
+        self.value, self.max_items = value, max_items
+
+    def __call__(self, v: Any) -> dict:
+        if not isinstance(v, dict):
+            raise _Bad(f"expected a map, got {type(v).__name__}")
+        if len(v) > self.max_items:
+            raise _Bad(f"{len(v)} entries exceed the limit of {self.max_items}")
+        out = {}
+        for k in sorted(v, key=lambda k: (not isinstance(k, str), str(k))):
+            try:
+                key = self.key(k)
+            except _Bad as e:
+                raise _Bad(f"key: {e.reason}") from None
+            try:
+                out[key] = self.value(v[k])
+            except _Bad as e:
+                raise _Bad(e.reason, f"[{key!r}]{e.path}") from None
+        return out
+
+    def describe(self) -> str:
+        return f"map of <= {self.max_items}: str (1..{MAX_KEY_LEN} chars) -> {self.value.describe()}"
+
+
+class Code(_Check):
+    """An IntEnum value; a code this version does not know becomes `unknown` (forward compat)."""
+
+    def __init__(self, enum: type[IntEnum], unknown: IntEnum) -> None:
+        self.enum, self.unknown = enum, unknown
+
+    def __call__(self, v: Any) -> IntEnum:
+        if not _is_int(v):
+            raise _Bad(f"expected an integer code, got {type(v).__name__}")
+        if not 0 <= v <= 0xFFFF:
+            raise _Bad(f"code {v} is outside [0, 65535]")
+        try:
+            return self.enum(v)
+        except ValueError:
+            return self.unknown
+
+    def describe(self) -> str:
+        return f"uint code of {self.enum.__name__} (unknown codes read as {int(self.unknown)})"
+
+
+# Field types used by the messages. The annotation carries the check.
+Round = Annotated[int, UInt()]  # round number, counts up from 0
+Count = Annotated[int, UInt()]
+Size = Annotated[int, UInt(max=MAX_PAYLOAD)]  # bytes
+ChunkMax = Annotated[int, UInt(min=1, max=MAX_CHUNK)]  # bytes
+Time = Annotated[float, Real(min=0.0)]  # unix seconds (float64)
+Sha256Hex = Annotated[str, Hex(32, "sha256")]
+PeerId = Annotated[str, Hex(20, "sha256(ed25519 public key)[:20]")]
+PublicKey = Annotated[bytes, Blob(32, min_len=32)]  # raw Ed25519 public key
+Libp2pId = Annotated[str, Text(MAX_LIBP2P_ID, min_len=1, pattern=r"[1-9A-HJ-NP-Za-km-z]+", what="base58")]
+Multiaddrs = Annotated[
+    tuple[str, ...], Seq(Text(MAX_ADDR_LEN, min_len=1, pattern=r"/[\x21-\x7e]*", what="multiaddr"), MAX_ADDRS)
+]
+Scalars = Annotated[dict, Map(Scalar())]
+Metrics = Annotated[dict, Map(Real(), MAX_METRICS)]
+ChunkData = Annotated[bytes, Blob(MAX_CHUNK)]
+MethodName = Annotated[str, Text(MAX_NAME, min_len=1, pattern=r"[a-z][a-z0-9_]*", what="merge method name")]
+Members = Annotated[tuple[str, ...], Seq(PeerId.__metadata__[0], MAX_MEMBERS, min_items=1, unique=True)]
+VersionRecord = Annotated[bytes, Blob(MAX_RECORD, min_len=1)]  # lineage Version.to_bytes()
+Certificate = Annotated[tuple[bytes, ...], Seq(Blob(MAX_SIGNED_VOTE, min_len=1), MAX_MEMBERS)]
+
+
+class ProposalDelta(NamedTuple):
+    """One delta a proposal merges, in merge order."""
+
+    peer_id: str  # the peer that trained it
+    delta_hash: str  # sha256 hex of the encoded delta
+    weight: float  # merge weight (the proposer writes the announced sample count)
+
+
+ProposalDeltas = Annotated[
+    tuple[ProposalDelta, ...],
+    Seq(Record(ProposalDelta, PeerId.__metadata__[0], Sha256Hex.__metadata__[0], Real(min=0.0)), MAX_MEMBERS),
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of the wire messages. Subclasses set TYPE (the envelope's "t") and SENDER."""
+
+    TYPE: ClassVar[str] = ""
+    SENDER: ClassVar[str | None] = None  # field that must equal the signer's peer id, if any
+
+    def __post_init__(self) -> None:
+        try:
+            for name, check in schema_of(type(self)).items():
+                try:
+                    object.__setattr__(self, name, check(getattr(self, name)))
+                except _Bad as e:
+                    raise _Bad(e.reason, name + e.path) from None
+            self._check()
+        except _Bad as e:
+            raise InvalidMessage(self.TYPE, e.path or "?", e.reason) from None
+
+    def _check(self) -> None:
+        """Checks that span fields; raise _Bad(reason, field)."""
+
+
+@dataclass(frozen=True)
+class PeerAnnouncement(Message):
+    """ "I am in round `round` of event `event_hash`; reach me at `addrs`." DHT: .../members."""
+
+    TYPE: ClassVar[str] = "peer_announcement"
+    SENDER: ClassVar[str | None] = "peer_id"
+
+    peer_id: PeerId  # hex sha256(public_key)[:20]; must match public_key
+    public_key: PublicKey  # raw 32-byte Ed25519 public key that signs this peer's messages
+    libp2p_id: Libp2pId  # the libp2p (hivemind P2P) peer id, base58, to open streams to
+    addrs: Multiaddrs  # multiaddrs the libp2p host listens on
+    capabilities: Scalars  # e.g. {"device": "cuda", "version": "0.1.0"}; informative only
+    event_hash: Sha256Hex  # sha256 hex of the event manifest this peer joined
+    round: Round  # the round this peer enters
+    time: Time  # unix seconds when the announcement was made
+
+    def _check(self) -> None:
+        if peer_id_of(self.public_key) != self.peer_id:
+            raise _Bad("does not match sha256(public_key)[:20]", "peer_id")
+
+
+@dataclass(frozen=True)
+class Departure(Message):
+    """ "I am leaving after round `round`; do not wait for me." DHT: .../members."""
+
+    TYPE: ClassVar[str] = "departure"
+    SENDER: ClassVar[str | None] = "peer_id"
+
+    peer_id: PeerId  # the departing peer
+    round: Round  # last round the peer took part in
+    time: Time  # unix seconds when it left
+
+
+@dataclass(frozen=True)
+class DeltaAnnouncement(Message):
+    """ "My delta for round `round` on `base_version` is ready; fetch it by hash." DHT: .../deltas."""
+
+    TYPE: ClassVar[str] = "delta_announcement"
+    SENDER: ClassVar[str | None] = "peer_id"
+
+    round: Round  # the round the delta was trained for
+    base_version: Sha256Hex  # version id the delta is relative to (the round's head)
+    peer_id: PeerId  # the peer that trained it and serves it
+    delta_hash: Sha256Hex  # sha256 hex of the encoded delta bytes
+    encoded_size: Size  # bytes of the encoded delta (what DeltaChunk.total_size will say)
+    samples: Count  # training samples behind the delta (the FedAvg weight)
+
+
+@dataclass(frozen=True)
+class DeltaRequest(Message):
+    """ "Send me bytes of delta `delta_hash` from `offset`, at most `max_bytes` of them." (stream)"""
+
+    TYPE: ClassVar[str] = "delta_request"
+
+    delta_hash: Sha256Hex  # which delta
+    offset: Size  # bytes already held; resume from here
+    max_bytes: ChunkMax  # bytes wanted in this chunk
+
+
+@dataclass(frozen=True)
+class DeltaChunk(Message):
+    """ "Here are bytes [offset, offset+len(data)) of delta `delta_hash`, of `total_size`." (stream)"""
+
+    TYPE: ClassVar[str] = "delta_chunk"
+
+    delta_hash: Sha256Hex  # which delta
+    offset: Size  # byte offset of data within the delta
+    total_size: Size  # bytes of the whole encoded delta
+    data: ChunkData  # the bytes; empty only at the end (offset == total_size)
+
+    def _check(self) -> None:
+        if self.offset + len(self.data) > self.total_size:
+            raise _Bad(f"offset + len(data) = {self.offset + len(self.data)} exceeds total_size", "data")
+
+
+@dataclass(frozen=True)
+class Proposal(Message):
+    """ "Round `round` merges these deltas, in this order, with this method." DHT: .../proposal."""
+
+    TYPE: ClassVar[str] = "proposal"
+    SENDER: ClassVar[str | None] = "proposer"
+
+    round: Round  # the round being decided
+    base_version: Sha256Hex  # version id every listed delta is relative to
+    proposer: PeerId  # the proposing peer (its rank decides precedence)
+    members: Members  # peer ids the proposer saw in the round, sorted; 2/3 of them commit
+    deltas: ProposalDeltas  # (peer_id, delta_hash, weight), in merge order; unique hashes
+    time: Time  # unix seconds; becomes the merged version's time, so all peers agree on it
+    method: MethodName  # merge method name (p2pmodel.merge.METHODS)
+    params: Scalars  # the merge method's parameters, e.g. {"density": 0.2}
+
+    def _check(self) -> None:
+        hashes = [d.delta_hash for d in self.deltas]
+        if len(set(hashes)) != len(hashes):
+            raise _Bad("delta hashes are not unique", "deltas")
+
+
+@dataclass(frozen=True)
+class Vote(Message):
+    """ "Merging proposal `proposal_hash` gave me version `version_id`." DHT: .../votes."""
+
+    TYPE: ClassVar[str] = "vote"
+    SENDER: ClassVar[str | None] = "voter"
+
+    round: Round  # the round voted on
+    base_version: Sha256Hex  # the head the round built on
+    proposal_hash: Sha256Hex  # message_hash() of the proposal that was merged
+    version_id: Sha256Hex  # id of the resulting version (its core, without annotations)
+    voter: PeerId  # the voting peer
+    metrics: Metrics  # CI metrics measured by the voter, e.g. {"eval_loss": 2.31}
+
+
+@dataclass(frozen=True)
+class Commit(Message):
+    """ "This version is committed; here are the votes that prove it." DHT: p2pmodel/<event>/head."""
+
+    TYPE: ClassVar[str] = "commit"
+
+    round: Round  # the round committed
+    version_record: VersionRecord  # the lineage record encoding (Version.to_bytes())
+    certificate: Certificate  # signed Vote envelopes (signing.sign output), one per voter
+
+
+@dataclass(frozen=True)
+class VersionRequest(Message):
+    """ "Send me version `version_id`'s record and annotations." (stream)"""
+
+    TYPE: ClassVar[str] = "version_request"
+
+    version_id: Sha256Hex  # the version wanted
+
+
+@dataclass(frozen=True)
+class VersionResponse(Message):
+    """ "Here is version `version_id`." The receiver re-derives the id from the record. (stream)"""
+
+    TYPE: ClassVar[str] = "version_response"
+
+    version_id: Sha256Hex  # the version sent
+    version_record: VersionRecord  # the lineage record encoding (Version.to_bytes())
+    metrics: Metrics  # annotations: CI metrics stored with the version
+    certificate: Certificate  # annotations: signed votes that committed it (empty if none)
+
+
+@dataclass(frozen=True)
+class ObjectRequest(Message):
+    """ "Send me bytes of tensor object `oid` from `offset`, at most `max_bytes`." (stream)"""
+
+    TYPE: ClassVar[str] = "object_request"
+
+    oid: Sha256Hex  # lineage object id (tensor_oid)
+    offset: Size  # bytes already held; resume from here
+    max_bytes: ChunkMax  # bytes wanted in this chunk
+
+
+@dataclass(frozen=True)
+class ObjectChunk(Message):
+    """ "Here are bytes [offset, offset+len(data)) of object `oid`, of `total_size`." (stream)"""
+
+    TYPE: ClassVar[str] = "object_chunk"
+
+    oid: Sha256Hex  # lineage object id
+    offset: Size  # byte offset of data within the object
+    total_size: Size  # bytes of the whole object
+    data: ChunkData  # the bytes; empty only at the end (offset == total_size)
+
+    def _check(self) -> None:
+        if self.offset + len(self.data) > self.total_size:
+            raise _Bad(f"offset + len(data) = {self.offset + len(self.data)} exceeds total_size", "data")
+
+
+class RejectCode(IntEnum):
+    """Why a request was refused, in the refusing peer's voice."""
+
+    UNKNOWN = 0  # (a code this version does not know; read the detail)
+    MALFORMED = 1  # "I could not parse your request."
+    TOO_LARGE = 2  # "Your request is larger than I accept."
+    UNSUPPORTED_VERSION = 3  # "I do not speak your protocol major version."
+    NOT_FOUND = 4  # "I do not have the delta, version or object you asked for."
+    BAD_OFFSET = 5  # "Your offset is past the end of what you asked for."
+    STALE_ROUND = 6  # "Your round is behind mine; fetch the head first."
+    BUSY = 7  # "I am serving too many streams; retry later."
+    INTERNAL = 8  # "Something failed on my side; this is not your fault."
+
+
+@dataclass(frozen=True)
+class Reject(Message):
+    """ "I will not answer that request", sent on a stream instead of the response."""
+
+    TYPE: ClassVar[str] = "reject"
+
+    code: Annotated[RejectCode, Code(RejectCode, RejectCode.UNKNOWN)]  # why
+    detail: Annotated[str, Text(MAX_TEXT)]  # one line for logs; never parsed
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        PeerAnnouncement,
+        Departure,
+        DeltaAnnouncement,
+        DeltaRequest,
+        DeltaChunk,
+        Proposal,
+        Vote,
+        Commit,
+        VersionRequest,
+        VersionResponse,
+        ObjectRequest,
+        ObjectChunk,
+        Reject,
+    )
+}
+assert set(MESSAGE_TYPES) == set(LIMITS), "every message type needs a size limit"
+
+
+# ---------------------------------------------------------------------------------------
+# Schema, identity helpers
+# ---------------------------------------------------------------------------------------
+
+_SCHEMAS: dict[type, dict[str, _Check]] = {}
+
+
+def schema_of(cls: type[Message]) -> dict[str, _Check]:
+    """The field checks of a message class, in field order (read from the annotations)."""
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        schema = {}
+        for f in fields(cls):
+            checks = [m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, _Check)]
+            if len(checks) != 1:
+                raise TypeError(f"{cls.__name__}.{f.name} needs exactly one check in its annotation")
+            schema[f.name] = checks[0]
+        _SCHEMAS[cls] = schema
+    return schema
+
+
+def peer_id_of(public_key: bytes) -> str:
+    """The peer id of an Ed25519 public key: hex of sha256(raw 32-byte key)[:20] (40 chars)."""
+    return hashlib.sha256(bytes(public_key)).digest()[:20].hex()
+
+
+def sender_of(msg: Message) -> str | None:
+    """The peer id the message says it comes from, or None for types without a sender field."""
+    return getattr(msg, msg.SENDER) if msg.SENDER else None
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------
+
+
+def _to_wire(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _to_wire(v[k]) for k in sorted(v)}
+    if isinstance(v, tuple):
+        return [_to_wire(x) for x in v]
+    if isinstance(v, IntEnum):
+        return int(v)
+    return v
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a message into its canonical envelope bytes.
+
+    Raises:
+        LocalProtocolError: `msg` is not a message.
+        InvalidMessage: the encoding exceeds `LIMITS[msg.TYPE]`.
+    """
+    if not isinstance(msg, Message) or type(msg).TYPE not in MESSAGE_TYPES:
+        raise LocalProtocolError(f"cannot encode {type(msg).__name__}: not a wire message")
+    body = {f.name: _to_wire(getattr(msg, f.name)) for f in sorted(fields(msg), key=lambda f: f.name)}
+    data = msgpack.packb({"b": body, "t": msg.TYPE, "v": list(PROTOCOL_VERSION)}, use_bin_type=True)
+    if len(data) > LIMITS[msg.TYPE]:
+        raise InvalidMessage(msg.TYPE, "<encoded>", f"{len(data)} bytes exceed the limit of {LIMITS[msg.TYPE]}")
+    return data
+
+
+def message_hash(msg: Message) -> str:
+    """sha256 hex of the canonical encoding of `msg`: the id votes use for a proposal."""
+    return hashlib.sha256(encode(msg)).hexdigest()
+
+
+def _unpack(data: bytes, limit: int) -> Any:
+    """msgpack-decode untrusted bytes with every length bounded; MalformedMessage on any failure."""
+
+    def no_ext(code: int, payload: bytes) -> Any:
+        raise ValueError(f"msgpack ext type {code} is not allowed")
+
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=False,
+            strict_map_key=True,
+            max_bin_len=limit,
+            ext_hook=no_ext,
+            **_UNPACK_LIMITS,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        # ExtraData, FormatError, StackError, OutOfData, UnicodeDecodeError and limit
+        # violations all derive from these; none of them is the caller's bug.
+        raise MalformedMessage(f"{type(e).__name__}: {str(e)[:120]}") from None
+
+
+def _as_bytes(data: Any) -> bytes:
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    if not isinstance(data, bytes):
+        raise LocalProtocolError(f"decode expects bytes, got {type(data).__name__}")
+    return data
+
+
+def decode(data: bytes, expected: type[Message] | None = None) -> Message:
+    """Decode and validate one message.
+
+    Args:
+        data: the envelope bytes, as received.
+        expected: if given, the only message class acceptable here.
+
+    Returns:
+        The message; it is fully validated (its constructor ran).
+
+    Raises:
+        MessageTooLarge, MalformedMessage, UnsupportedVersion, UnknownMessageType,
+        UnexpectedMessage, SchemaError: the bytes are not a valid message (peer's fault).
+        LocalProtocolError: `data` is not bytes. Nothing else, for any input.
+    """
+    data = _as_bytes(data)
+    limit = LIMITS[expected.TYPE] if expected is not None else MAX_MESSAGE
+    if len(data) > limit:
+        raise MessageTooLarge(expected.TYPE if expected is not None else "*", len(data), limit)
+    env = _unpack(data, limit)
+    if not isinstance(env, dict):
+        raise MalformedMessage(f"envelope is a {type(env).__name__}, not a map")
+    version, type_name, body = env.get("v"), env.get("t"), env.get("b")
+    if not (isinstance(version, tuple) and len(version) == 2 and all(_is_int(x) for x in version)):
+        raise MalformedMessage("envelope field 'v' is not [major, minor]")
+    if version[0] != PROTOCOL_VERSION[0]:
+        raise UnsupportedVersion((version[0], version[1]), PROTOCOL_VERSION)
+    if not isinstance(type_name, str):
+        raise MalformedMessage("envelope field 't' is not a string")
+    cls = MESSAGE_TYPES.get(type_name)
+    if cls is None:
+        raise UnknownMessageType(type_name[:64])
+    if expected is not None and cls is not expected:
+        raise UnexpectedMessage(expected.TYPE, type_name)
+    if len(data) > LIMITS[type_name]:
+        raise MessageTooLarge(type_name, len(data), LIMITS[type_name])
+    if not isinstance(body, dict):
+        raise MalformedMessage("envelope field 'b' is not a map")
+    return _build(cls, body)
+
+
+def _build(cls: type[Message], body: dict) -> Message:
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in body:
+            kwargs[f.name] = body[f.name]
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise SchemaError(cls.TYPE, f.name, "missing")
+    try:
+        return cls(**kwargs)  # unknown body keys are ignored: a newer minor may add fields
+    except InvalidMessage as e:
+        raise SchemaError(e.kind, e.field, e.reason) from None
+
