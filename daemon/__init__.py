@@ -1,0 +1,52 @@
+"""p2pmodel.daemon: the asyncio node that joins a swarm (installed from `daemon/`).
+
+Map:
+
+- `transport.py` — hivemind DHT records (`publish`/`fetch`) and libp2p object streams
+  (`rpc_get_object`/`call_fetch`, resumable, hash-verified); byte counters per message type.
+- `node.py`      — `Node`: one supervisor over the node's loops; drives `protocols.round.RoundMachine`
+  with real I/O (records, trainer thread, fetches, merge, lineage, commit, head sync).
+- `trainer.py`   — runs the task's inner loop in a worker thread.
+- `status.py`    — the local HTTP status API on 127.0.0.1, its client, and the loop-lag monitor.
+- `config.py`    — `NodeConfig`, the one frozen config object; CLI flags are generated from it.
+- `logs.py`      — structured one-line logs and the terminal progress line.
+
+Names are imported lazily: `import p2pmodel.daemon` stays cheap (the CLI imports it to build
+its parser), and hivemind/torch load only when a transport or node is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Transport": "transport",
+    "TransportLimits": "transport",
+    "TransportError": "transport",
+    "FetchError": "transport",
+    "HashMismatch": "transport",
+    "ObjectNotFound": "transport",
+    "ObjectTooLarge": "transport",
+    "FetchTimeout": "transport",
+    "RecordRejected": "transport",
+    "DHTTimeout": "transport",
+    "Node": "node",
+    "NodeError": "node",
+    "NodeConfig": "config",
+    "StatusServer": "status",
+    "LagMonitor": "status",
+    "fetch_status": "status",
+    "Trainer": "trainer",
+    "get_logger": "logs",
+    "configure_logging": "logs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
