@@ -1,0 +1,64 @@
+"""Version control for models: git's object model, for tensors.
+
+- `objects.py`     — object types and canonical bytes: tensor and file blobs, `Version`
+                     records (id = sha256 of header + canonical msgpack), `TensorEntry`,
+                     `Annotations` (metrics + certificate, outside the id), `tensor_oid`.
+- `store.py`       — `LineageStore`: objects on disk (atomic writes, verified reads), commit,
+                     resolve, log/children queries; ObjectMissing / ObjectCorrupt.
+- `refs.py`        — ref names and revision syntax (`main~3`, `HEAD^2`, prefixes); ref errors.
+- `index.py`       — the SQLite index: versions, parent edges, refs, HEAD, annotations.
+- `maintenance.py` — `verify` (fsck) and `gc`.
+
+See docs/ARCHITECTURE.md ("p2pmodel.lineage") for the contract.
+"""
+
+from p2pmodel.lineage.index import ANY, VersionInfo
+from p2pmodel.lineage.objects import (
+    DTYPES,
+    Annotations,
+    InvalidObject,
+    LineageError,
+    TensorEntry,
+    UnsupportedDtype,
+    Version,
+    tensor_oid,
+)
+from p2pmodel.lineage.refs import AmbiguousRef, InvalidRefName, RefConflict, RefError, RefNotFound
+from p2pmodel.lineage.store import (
+    GcRefused,
+    GcReport,
+    LineageStore,
+    ObjectCorrupt,
+    ObjectMissing,
+    Problem,
+    RepositoryExists,
+    RepositoryNotFound,
+    VerifyReport,
+)
+
+__all__ = [
+    "ANY",
+    "DTYPES",
+    "AmbiguousRef",
+    "Annotations",
+    "GcRefused",
+    "GcReport",
+    "InvalidObject",
+    "InvalidRefName",
+    "LineageError",
+    "LineageStore",
+    "ObjectCorrupt",
+    "ObjectMissing",
+    "Problem",
+    "RefConflict",
+    "RefError",
+    "RefNotFound",
+    "RepositoryExists",
+    "RepositoryNotFound",
+    "TensorEntry",
+    "UnsupportedDtype",
+    "Version",
+    "VersionInfo",
+    "VerifyReport",
+    "tensor_oid",
+]

@@ -1,0 +1,195 @@
+"""verify (git fsck) and gc for a LineageStore.
+
+`verify` reads every object and re-derives its id, decodes every indexed version's record,
+checks that each object a manifest names is present, intact and of the declared type,
+dtype and shape, and that the index agrees with the records. It reports each problem once
+(object, kind, versions affected). Leftovers of interrupted writes (temp files, objects no
+version refers to) are counted, not reported as problems: they are what a kill -9 leaves.
+
+`gc` deletes objects that no ref reaches. It first reads every reachable record (refusing
+to run if one is damaged, since it could not know what that record needs), holds the
+store's lock exclusively so no write is in flight, un-indexes unreachable versions, and
+only then unlinks files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from p2pmodel.lineage.objects import _HEX64, InvalidObject, LineageError, Version, check_object, parse_header
+
+if TYPE_CHECKING:
+    from p2pmodel.lineage.store import GcReport, LineageStore, VerifyReport
+
+__all__ = ["verify", "gc", "iter_object_files"]
+
+_TMP_PREFIX = ".tmp-"
+
+
+def iter_object_files(store: "LineageStore") -> Iterator[tuple[str, str]]:
+    """(name, path) of every file under objects/; name is the oid for well-named files."""
+    try:
+        folders = sorted(os.scandir(store.objects_dir), key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    for folder in folders:
+        if not folder.is_dir():
+            yield folder.name, folder.path
+            continue
+        for entry in sorted(os.scandir(folder.path), key=lambda e: e.name):
+            yield folder.name + entry.name if not entry.name.startswith(_TMP_PREFIX) else entry.name, entry.path
+
+
+def verify(store: "LineageStore") -> "VerifyReport":
+    """Check the whole repository; see the module docstring."""
+    from p2pmodel.lineage.store import Problem, VerifyReport
+
+    report = VerifyReport()
+    problems: dict[tuple[str, str], tuple[set[str], str]] = {}
+
+    def problem(oid: str, kind: str, detail: str, version: str | None = None) -> None:
+        versions, first = problems.setdefault((oid, kind), (set(), detail))
+        if version:
+            versions.add(version)
+
+    good: dict[str, tuple[str, dict]] = {}  # oid -> (type, header info)
+    bad: dict[str, str] = {}  # oid -> kind of damage
+    records: dict[str, Version] = {}
+    for name, path in iter_object_files(store):
+        if name.startswith(_TMP_PREFIX):
+            report.stray_temp_files += 1
+            continue
+        if not _HEX64.fullmatch(name):
+            problem(path, "foreign", "unexpected file in objects/")
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        report.objects_checked += 1
+        report.bytes_checked += len(data)
+        try:
+            kind = check_object(name, data)
+            _, info, _ = parse_header(data, name)
+            good[name] = (kind, info)
+            if kind == "version":
+                records[name] = Version.from_bytes(data)
+        except InvalidObject as e:
+            bad[name] = "corrupt"
+            problem(name, "corrupt", e.reason)
+
+    def need(oid: str, vid: str, want: str, entry=None) -> None:  # noqa: ANN001
+        if oid in bad:
+            problem(oid, bad[oid], "", vid)
+        elif oid not in good:
+            problem(oid, "missing", f"{want} object not in the store", vid)
+        else:
+            kind, info = good[oid]
+            if kind != want:
+                problem(oid, "mismatch", f"expected a {want}, found a {kind}", vid)
+            elif entry is not None and (info["dtype"], info["shape"]) != (entry.dtype, entry.shape):
+                problem(oid, "mismatch", f"manifest says {entry.dtype} {list(entry.shape)}, blob holds {info['dtype']} {list(info['shape'])}", vid)
+
+    rows = store.index.raw_rows()
+    edges: dict[str, list[str]] = {}
+    for child, _, parent in store.index.all_edges():
+        edges.setdefault(child, []).append(parent)
+    referenced: set[str] = set()
+    for vid, (rnd, t, msg, author, n) in rows.items():
+        report.versions_checked += 1
+        referenced.add(vid)
+        need(vid, vid, "version")
+        v = records.get(vid)
+        if v is None:
+            continue
+        for name, e in list(v.tensors.items()) + list(v.optimizer_state.items()):
+            referenced.add(e.oid)
+            need(e.oid, vid, "tensor", e)
+        for oid in v.files.values():
+            referenced.add(oid)
+            need(oid, vid, "file")
+        if (v.round, v.time, v.message, v.author, len(v.tensors)) != (rnd, t, msg, author, n):
+            problem(vid, "index", "index row disagrees with the record", vid)
+        if tuple(edges.get(vid, ())) != v.parents:
+            problem(vid, "index", "index parent edges disagree with the record", vid)
+        for p in v.parents:
+            if p not in rows:
+                problem(p, "missing", "parent version not indexed", vid)
+    for child in edges:
+        if child not in rows:
+            problem(child, "index", "parent edges of an unindexed version")
+    for name, target in store.index.refs().items():
+        if target not in rows:
+            problem(target, "index", f"ref {name} points to a version that is not indexed")
+    for line in store.index.integrity():
+        problem("index.sqlite", "index", line)
+    report.unreferenced_objects = len(set(good) - referenced)
+    report.problems = [
+        Problem(oid, kind, tuple(sorted(vs)), detail or "see above") for (oid, kind), (vs, detail) in sorted(problems.items())
+    ]
+    return report
+
+
+def _reachable(store: "LineageStore") -> tuple[set[str], set[str]]:
+    """(reachable version ids, every object id they need, records included). Raises GcRefused."""
+    from p2pmodel.lineage.store import GcRefused
+
+    versions: set[str] = set()
+    for target in set(store.index.refs().values()):
+        versions.update(info.id for info in store.index.ancestry(target))
+    objects: set[str] = set(versions)
+    for vid in versions:
+        try:
+            v = store.get_version(vid)
+        except LineageError as e:
+            raise GcRefused(e) from None
+        objects.update(v.referenced_objects())
+    return versions, objects
+
+
+def gc(store: "LineageStore", grace_s: float = 0.0) -> "GcReport":
+    """Remove what no ref reaches: index rows of unreachable versions, then their objects.
+
+    Objects modified less than `grace_s` seconds ago are kept (for writers that stage
+    objects before indexing them, e.g. a sync in progress in another process).
+    """
+    from p2pmodel.lineage.store import GcReport
+
+    report = GcReport()
+    cutoff = time.time() - grace_s
+    with store._lock(exclusive=True):
+        versions, keep = _reachable(store)
+
+        def old_enough(path: str) -> bool:
+            try:
+                return os.stat(path).st_mtime <= cutoff
+            except FileNotFoundError:
+                return False
+
+        drop = [vid for vid in store.index.all_ids() if vid not in versions and (not store.has_object(vid) or old_enough(store._path(vid)))]
+        keep.update(vid for vid in store.index.all_ids() if vid not in drop)
+        if drop:
+            with store.index.transaction() as db:
+                store.index.remove_versions(db, drop)
+            report.removed_versions = len(drop)
+        # keep objects still needed by versions we could not drop (too recent)
+        for vid in store.index.all_ids():
+            if vid not in versions:
+                try:
+                    keep.update(store.get_version(vid).referenced_objects())
+                except LineageError:
+                    pass
+        for name, path in iter_object_files(store):
+            if name.startswith(_TMP_PREFIX):
+                if old_enough(path):  # no writer is in flight: we hold the lock exclusively
+                    os.unlink(path)
+                    report.removed_temp_files += 1
+                continue
+            if name in keep or not _HEX64.fullmatch(name) or not old_enough(path):
+                report.kept_objects += 1
+                continue
+            size = os.stat(path).st_size
+            os.unlink(path)
+            report.removed_objects += 1
+            report.bytes_freed += size
+    return report
