@@ -86,13 +86,13 @@ MAX_CHUNK = 1 * MiB  # bytes of payload in one DeltaChunk / ObjectChunk
 MAX_PAYLOAD = 1 << 40  # bytes: the largest delta or tensor object a stream may announce
 MAX_MEMBERS = 1024  # peers in one round's proposal (and votes in one certificate)
 MAX_ADDRS = 16  # multiaddrs in one PeerAnnouncement
-MAX_ADDR_LEN = 256  # characters of one multiaddr
+MAX_ADDR_LEN = 256  # bytes of one multiaddr (ASCII)
 MAX_MAP_ITEMS = 32  # entries of capabilities / merge params
 MAX_METRICS = 16  # entries of a metrics map (a vote must stay small: certificates hold 1024)
-MAX_KEY_LEN = 64  # characters of a map key (capability, metric or parameter name)
-MAX_TEXT = 256  # characters of a free-text scalar (capability value, reject detail)
-MAX_NAME = 64  # characters of a merge method name
-MAX_LIBP2P_ID = 128  # characters of a base58 libp2p peer id
+MAX_KEY_LEN = 64  # UTF-8 bytes of a map key (capability, metric or parameter name)
+MAX_TEXT = 256  # UTF-8 bytes of a free-text scalar (capability value, reject detail)
+MAX_NAME = 64  # bytes of a merge method name (ASCII)
+MAX_LIBP2P_ID = 128  # bytes of a base58 libp2p peer id (ASCII)
 MAX_RECORD = 4 * MiB  # bytes of one lineage version record
 MAX_U63 = (1 << 63) - 1  # integers are non-negative and fit a signed 64-bit int
 
@@ -209,7 +209,11 @@ class Hex(_Check):
 
 
 class Text(_Check):
-    """A string of at most `max_len` characters, optionally matching `pattern`."""
+    """A string of [min_len, max_len] UTF-8 bytes, optionally matching `pattern`.
+
+    Lengths count UTF-8 bytes, not characters, so that a size bound on the wire holds for
+    any script; lone surrogates (not encodable) are refused.
+    """
 
     def __init__(self, max_len: int, *, min_len: int = 0, pattern: str | None = None, what: str = "") -> None:
         self.max_len, self.min_len, self.what = max_len, min_len, what
@@ -218,15 +222,19 @@ class Text(_Check):
     def __call__(self, v: Any) -> str:
         if not isinstance(v, str):
             raise _Bad(f"expected a string, got {type(v).__name__}")
-        if not self.min_len <= len(v) <= self.max_len:
-            raise _Bad(f"length {len(v)} is outside [{self.min_len}, {self.max_len}]")
+        try:
+            n = len(v.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise _Bad("not encodable as UTF-8") from None
+        if not self.min_len <= n <= self.max_len:
+            raise _Bad(f"{n} UTF-8 bytes is outside [{self.min_len}, {self.max_len}]")
         if self._re is not None and not self._re.fullmatch(v):
             raise _Bad(f"{v[:40]!r} is not a valid {self.what or 'value'}")
         return v
 
     def describe(self) -> str:
         extra = f", {self.what}" if self.what else ""
-        return f"str, {self.min_len}..{self.max_len} chars{extra}"
+        return f"str, {self.min_len}..{self.max_len} UTF-8 bytes{extra}"
 
 
 class Blob(_Check):
@@ -251,7 +259,7 @@ class Blob(_Check):
 
 
 class Scalar(_Check):
-    """A str (<= MAX_TEXT chars), bool, uint or finite float: capability and parameter values."""
+    """A str (<= MAX_TEXT UTF-8 bytes), bool, uint or finite float: capability and parameter values."""
 
     _text = Text(MAX_TEXT)
     _int = UInt()
@@ -269,7 +277,7 @@ class Scalar(_Check):
         raise _Bad(f"expected str, bool, int or float, got {type(v).__name__}")
 
     def describe(self) -> str:
-        return f"str (<= {MAX_TEXT} chars) | bool | uint | finite float64"
+        return f"str (<= {MAX_TEXT} bytes) | bool | uint | finite float64"
 
 
 class Seq(_Check):
@@ -345,7 +353,7 @@ class Map(_Check):
         return out
 
     def describe(self) -> str:
-        return f"map of <= {self.max_items}: str (1..{MAX_KEY_LEN} chars) -> {self.value.describe()}"
+        return f"map of <= {self.max_items}: str (1..{MAX_KEY_LEN} bytes) -> {self.value.describe()}"
 
 
 class Code(_Check):
