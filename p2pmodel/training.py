@@ -212,7 +212,7 @@ class InnerTrainer:
             samples += batch_size_of(batch)
             loss_sum += loss.detach().float()
             if on_step is not None:
-                on_step(done, float(loss))
+                on_step(done, float(loss.detach()))
         mean_loss = float(loss_sum) / done if done else float("nan")  # float() waits for the GPU
         seconds = time.perf_counter() - start
         log.debug("trained %d steps (%d samples) in %.2fs, mean loss %.4f", done, samples, seconds, mean_loss)

@@ -1,0 +1,185 @@
+"""The inner loop and DiLoCo's outer step.
+
+Guarantees checked here:
+- `outer_step` is the written formula, in float32, pure, and with lr=1, mu=0 it is exactly
+  plain averaging (base + merged delta); momentum accumulates across rounds;
+- `InnerTrainer` lowers the loss, reports what it did, keeps AdamW state across
+  `load_base`, computes `delta = theta_local - base`, and stops when told to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from p2pmodel.tasks.charlm import CharLMTask
+from p2pmodel.training import InnerTrainer, TrainingError, outer_step
+
+SMALL = dict(n_layer=1, n_embd=32, n_head=2, context=16, batch_size=8, train_bytes=50_000, eval_batches=2)
+
+
+def _tensors(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(4, 3, generator=g) * scale, "b.bias": torch.randn(5, generator=g) * scale}
+
+
+@pytest.fixture(scope="module")
+def task() -> CharLMTask:
+    return CharLMTask(**SMALL)
+
+
+@pytest.fixture()
+def trainer(task) -> InnerTrainer:
+    return InnerTrainer(task, task.build_model(), "cpu", lr=1e-2, cpu_threads=1)
+
+
+# ---------------------------------------------------------------- outer_step
+
+
+def test_outer_step_with_lr_one_and_no_momentum_is_plain_averaging():
+    base, delta = _tensors(0), _tensors(1, 1e-3)
+    new, _ = outer_step(base, delta, None, lr=1.0, mu=0.0)
+    for k in base:
+        assert torch.equal(new[k], base[k] + delta[k])
+
+
+def test_outer_step_follows_the_nesterov_formula():
+    base, delta, m = _tensors(0), _tensors(1, 1e-2), _tensors(2, 1e-2)
+    lr, mu = 0.7, 0.9
+    new, new_m = outer_step(base, delta, m, lr=lr, mu=mu)
+    for k in base:
+        g = -delta[k].double()
+        m2 = mu * m[k].double() + g
+        expected = base[k].double() - lr * (g + mu * m2)
+        torch.testing.assert_close(new_m[k].double(), m2, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(new[k].double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_outer_step_plain_momentum_applies_the_buffer():
+    base, delta, m = _tensors(0), _tensors(1, 1e-2), _tensors(2, 1e-2)
+    new, new_m = outer_step(base, delta, m, lr=0.5, mu=0.9, nesterov=False)
+    for k in base:
+        torch.testing.assert_close(new[k], base[k] - 0.5 * new_m[k])
+
+
+def test_outer_momentum_accumulates_over_rounds():
+    base, delta = _tensors(0), _tensors(1, 1e-2)
+    _, m1 = outer_step(base, delta, None, lr=0.7, mu=0.9)
+    _, m2 = outer_step(base, delta, m1, lr=0.7, mu=0.9)
+    for k in base:
+        torch.testing.assert_close(m1[k], -delta[k])
+        torch.testing.assert_close(m2[k], -1.9 * delta[k])
+
+
+def test_outer_step_matches_torch_sgd_nesterov():
+    base, delta = _tensors(0), _tensors(1, 1e-2)
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in base.items()}
+    sgd = torch.optim.SGD(params.values(), lr=0.7, momentum=0.9, nesterov=True)
+    ours, m = dict(base), None
+    for _ in range(3):
+        for k, p in params.items():
+            p.grad = -delta[k].clone()
+        sgd.step()
+        ours, m = outer_step(ours, delta, m, lr=0.7, mu=0.9)
+    for k in base:
+        torch.testing.assert_close(ours[k], params[k].detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_outer_step_does_not_modify_its_inputs():
+    base, delta, m = _tensors(0), _tensors(1), _tensors(2)
+    copies = [{k: v.clone() for k, v in d.items()} for d in (base, delta, m)]
+    outer_step(base, delta, m, lr=0.7, mu=0.9)
+    for original, copy in zip((base, delta, m), copies):
+        assert all(torch.equal(original[k], copy[k]) for k in copy)
+
+
+def test_outer_step_returns_float32_in_base_order():
+    base = {k: v.to(torch.bfloat16) for k, v in reversed(_tensors(0).items())}
+    new, m = outer_step(base, _tensors(1), None, lr=0.7, mu=0.9)
+    assert list(new) == list(base) and list(m) == list(base)
+    assert all(t.dtype == torch.float32 for t in [*new.values(), *m.values()])
+
+
+def test_outer_step_is_bitwise_reproducible():
+    base, delta, m = _tensors(0), _tensors(1, 1e-2), _tensors(2, 1e-2)
+    a, b = outer_step(base, delta, m, 0.7, 0.9), outer_step(base, delta, m, 0.7, 0.9)
+    assert all(torch.equal(a[0][k], b[0][k]) and torch.equal(a[1][k], b[1][k]) for k in base)
+
+
+def test_outer_step_rejects_mismatched_names():
+    delta = _tensors(1)
+    delta["extra"] = torch.zeros(1)
+    with pytest.raises(TrainingError, match="names") as info:
+        outer_step(_tensors(0), delta, None, 0.7, 0.9)
+    assert info.value.names == ("extra",)
+
+
+def test_outer_step_rejects_mismatched_shapes():
+    m = _tensors(2)
+    m["b.bias"] = torch.zeros(6)
+    with pytest.raises(TrainingError, match="shapes"):
+        outer_step(_tensors(0), _tensors(1), m, 0.7, 0.9)
+
+
+# ---------------------------------------------------------------- InnerTrainer
+
+
+def test_short_training_lowers_the_eval_loss(task, trainer):
+    before = task.evaluate(trainer.model, "cpu")["eval_loss"]
+    trainer.train(30)
+    assert task.evaluate(trainer.model, "cpu")["eval_loss"] < before - 1.0
+
+
+def test_train_reports_steps_samples_and_loss(trainer):
+    result = trainer.train(3)
+    assert (result.steps, result.samples) == (3, 3 * SMALL["batch_size"])
+    assert math.isfinite(result.mean_loss) and result.seconds > 0
+
+
+def test_train_stops_when_told(trainer):
+    calls = []
+    result = trainer.train(100, should_stop=lambda: len(calls) >= 2, on_step=lambda i, loss: calls.append(i))
+    assert result.steps == 2 and calls == [1, 2]
+
+
+def test_delta_is_local_minus_base(trainer):
+    base = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train(2)
+    delta = trainer.delta()
+    assert list(delta) == list(base)
+    for k, v in trainer.model.state_dict().items():
+        assert delta[k].dtype == torch.float32
+        torch.testing.assert_close(delta[k], v - base[k])
+    assert any(d.abs().sum() > 0 for d in delta.values())
+
+
+def test_load_base_resets_parameters_and_zeroes_the_delta(trainer):
+    base = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train(2)
+    trainer.load_base(base)
+    assert all(torch.equal(v, base[k]) for k, v in trainer.model.state_dict().items())
+    assert all(not d.any() for d in trainer.delta().values())
+
+
+def test_load_base_keeps_the_adamw_state(trainer):
+    trainer.train(2)
+    step_before = {id(p): s["step"].item() for p, s in trainer.optimizer.state.items()}
+    trainer.load_base(trainer.model.state_dict())
+    trainer.train(1)
+    assert all(s["step"].item() == step_before[id(p)] + 1 for p, s in trainer.optimizer.state.items())
+
+
+def test_load_base_rejects_a_foreign_state(trainer):
+    with pytest.raises(TrainingError, match="does not match"):
+        trainer.load_base({"not.a.param": torch.zeros(1)})
+
+
+def test_amp_is_off_on_cpu_by_default(trainer):
+    assert trainer.amp == "off"
+
+
+def test_unknown_amp_mode_is_rejected(task):
+    with pytest.raises(TrainingError, match="amp"):
+        InnerTrainer(task, task.build_model(), "cpu", amp="fp8", cpu_threads=1)
