@@ -1,0 +1,217 @@
+"""The node's local status API, its client, and the event-loop lag monitor.
+
+- `StatusServer` answers `GET /status` with the node's state as JSON (and `GET /healthz` with
+  `ok`) on 127.0.0.1 only. It is a tiny HTTP/1.1 server on asyncio streams: one request per
+  connection, bounded header size and read time, no dependency beyond the standard library.
+- `fetch_status(url)` reads it (blocking; for the CLI), `format_status(state)` renders it.
+- `LagMonitor` measures how late the event loop wakes up from a short sleep; its worst value is
+  part of the status, so a stalled loop (heavy work left on it) shows up immediately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from typing import Any, Callable
+
+from p2pmodel.daemon.logs import get_logger
+from p2pmodel.errors import P2PModelError
+
+__all__ = ["StatusServer", "LagMonitor", "StatusUnavailable", "fetch_status", "format_status"]
+
+logger = get_logger(__name__)
+
+_MAX_HEADER = 8 * 1024  # bytes of request line + headers we read
+_READ_TIMEOUT = 5.0  # seconds a client has to send its request
+
+
+class StatusUnavailable(P2PModelError):
+    """No node answered at the status URL. Fields: `url`, `reason`."""
+
+    def __init__(self, url: str, reason: str):
+        self.url, self.reason = url, reason
+        super().__init__(f"no node answers at {url} ({reason}); is `p2pmodel join` running?")
+
+
+class LagMonitor:
+    """Wakes every `interval` seconds and records how late it woke: the loop's lag.
+
+    `worst` is the worst lag since start; `recent_worst()` the worst over the last `window`
+    seconds. Lags are in seconds.
+    """
+
+    def __init__(self, interval: float = 0.1, window: float = 60.0):
+        self.interval, self.window = interval, window
+        self.worst = 0.0
+        self.samples = 0
+        self._total = 0.0
+        self._recent: deque[tuple[float, float]] = deque()
+
+    async def run(self) -> None:
+        """Measure until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(self.interval)
+            now = loop.time()
+            self.record(max(0.0, now - start - self.interval), now)
+
+    def record(self, lag: float, now: float) -> None:
+        self.samples += 1
+        self._total += lag
+        self.worst = max(self.worst, lag)
+        self._recent.append((now, lag))
+        while self._recent and self._recent[0][0] < now - self.window:
+            self._recent.popleft()
+
+    def recent_worst(self) -> float:
+        return max((lag for _, lag in self._recent), default=0.0)
+
+    def snapshot(self) -> dict[str, float]:
+        return {
+            "worst_ms": round(self.worst * 1000, 2),
+            "recent_worst_ms": round(self.recent_worst() * 1000, 2),
+            "mean_ms": round(self._total / self.samples * 1000, 3) if self.samples else 0.0,
+        }
+
+
+class StatusServer:
+    """HTTP status endpoint on 127.0.0.1:`port`. `state()` is called per request, on the loop."""
+
+    def __init__(self, state: Callable[[], dict[str, Any]], port: int = 0, host: str = "127.0.0.1"):
+        self._state = state
+        self._host, self._port = host, port
+        self._server: asyncio.base_events.Server | None = None
+
+    @classmethod
+    async def create(cls, state: Callable[[], dict[str, Any]], port: int = 0) -> "StatusServer":
+        """Start listening; `port=0` picks a free port (see `.port`).
+
+        Raises:
+            StatusUnavailable: the port is taken.
+        """
+        self = cls(state, port)
+        try:
+            self._server = await asyncio.start_server(self._handle, self._host, port)
+        except OSError as e:
+            raise StatusUnavailable(self.url, f"cannot listen: {e.strerror or e}") from None
+        self._port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._host}:{self._port}/status"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
+            if len(head) > _MAX_HEADER:
+                return await self._reply(writer, 431, "text/plain", b"request header too large\n")
+            parts = head.split(b"\r\n", 1)[0].split()
+            if len(parts) != 3 or parts[0] != b"GET":
+                return await self._reply(writer, 405, "text/plain", b"only GET is supported\n")
+            path = parts[1].split(b"?", 1)[0]
+            if path == b"/healthz":
+                return await self._reply(writer, 200, "text/plain", b"ok\n")
+            if path in (b"/", b"/status"):
+                body = json.dumps(_jsonable(self._state()), sort_keys=True).encode()
+                return await self._reply(writer, 200, "application/json", body)
+            await self._reply(writer, 404, "text/plain", b"not found; try /status\n")
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # a slow, broken or oversized request: just close
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, code: int, ctype: str, body: bytes) -> None:
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large"}[code]
+        writer.write(
+            f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON has no NaN/Infinity: turn them into None so every client can parse the status."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """GET a node's status JSON (blocking).
+
+    Raises:
+        StatusUnavailable: nothing answers, or the answer is not status JSON.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise StatusUnavailable(url, str(getattr(e, "reason", e))) from None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """A readable, multi-line summary of a status dict."""
+    lines = []
+    head = s.get("head") or {}
+    lines.append(f"node     {s.get('peer_id', '?')}  (libp2p {str(s.get('libp2p_id', '?'))[:20]}…)")
+    lines.append(f"event    {s.get('event', '?')}   up {s.get('uptime_s', 0):.0f}s")
+    lines.append(f"round    {s.get('round')}  phase {s.get('phase')}  rounds joined {s.get('rounds_joined', 0)}")
+    loss = head.get("eval_loss")
+    loss_text = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
+    lines.append(f"head     {str(head.get('id') or '-')[:16]}  round {head.get('round')}  eval_loss {loss_text}")
+    tr = s.get("training") or {}
+    if tr:
+        lines.append(
+            f"training {tr.get('device', '?')}  step {tr.get('step', 0)}/{tr.get('steps', 0)}  "
+            f"loss {tr.get('loss') if tr.get('loss') is not None else '-'}  "
+            f"{tr.get('samples_per_s', 0):.1f} samples/s"
+        )
+    peers = s.get("peers") or []
+    lines.append(f"peers    {len(peers)} in the current round")
+    for p in peers[:12]:
+        lines.append(f"  - {p}")
+    counters = s.get("bytes") or {}
+    if counters:
+        lines.append("traffic  kind            sent        received")
+        for kind, c in counters.items():
+            lines.append(f"         {kind:<14}{_fmt_bytes(c.get('sent', 0)):>10}  {_fmt_bytes(c.get('received', 0)):>10}")
+    lag = s.get("loop_lag") or {}
+    lines.append(f"loop lag worst {lag.get('worst_ms', 0)} ms, last minute {lag.get('recent_worst_ms', 0)} ms")
+    errors = s.get("errors") or []
+    if errors:
+        lines.append(f"errors   {len(errors)} recent")
+        for e in errors[-5:]:
+            when = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0)))
+            lines.append(f"  {when} {e.get('message')}")
+    return "\n".join(lines)
