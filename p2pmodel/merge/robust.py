@@ -8,6 +8,8 @@ return a merged delta. mergekit has none of them; the formulas are the papers':
 - `trimmed_mean` — coordinate-wise: sort the n values, drop `k` from each end, average the
   rest (Yin et al. 2018, "Byzantine-Robust Distributed Learning", Def. 2). `trim` is a
   fraction of n per side when below 0.5 (`k = floor(trim * n)`), else a count per side.
+  The default is one per side: a fractional default such as 0.1 would trim nothing from
+  fewer than ten models, which is how a swarm usually starts.
 - `centered_clip` — Karimireddy, He & Jaggi 2021, "Learning from History for Byzantine
   Robust Optimization", Alg. 2: starting from a center `v`, repeat `iterations` times
   `v <- v + sum_i w_i (d_i - v) min(1, tau / |d_i - v|) / sum_i w_i`.
@@ -63,7 +65,7 @@ def _valid_trim(v: float) -> bool:
 def trimmed_mean(
     deltas: Tensor,
     *,
-    trim: Annotated[float, Check(_valid_trim, "must be a fraction in [0, 0.5) or a whole count >= 1")] = 0.1,
+    trim: Annotated[float, Check(_valid_trim, "must be a fraction in [0, 0.5) or a whole count >= 1")] = 1,
 ) -> Tensor:
     """Drop the `trim` largest and smallest values of each coordinate, average the rest."""
     n = deltas.shape[0]
