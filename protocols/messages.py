@@ -277,7 +277,7 @@ class Scalar(_Check):
         raise _Bad(f"expected str, bool, int or float, got {type(v).__name__}")
 
     def describe(self) -> str:
-        return f"str (<= {MAX_TEXT} bytes) | bool | uint | finite float64"
+        return f"str (<= {MAX_TEXT} bytes), bool, uint or finite float64"
 
 
 class Seq(_Check):
