@@ -753,6 +753,15 @@ def _as_bytes(data: Any) -> bytes:
     return data
 
 
+def _limit_for(expected: type[Message] | None) -> int:
+    """The size limit for `expected` (the largest of all when None)."""
+    if expected is None:
+        return MAX_MESSAGE
+    if not isinstance(expected, type) or MESSAGE_TYPES.get(getattr(expected, "TYPE", None)) is not expected:
+        raise LocalProtocolError(f"expected must be a wire message class, got {expected!r}")
+    return LIMITS[expected.TYPE]
+
+
 def decode(data: bytes, expected: type[Message] | None = None) -> Message:
     """Decode and validate one message.
 
@@ -769,7 +778,7 @@ def decode(data: bytes, expected: type[Message] | None = None) -> Message:
         LocalProtocolError: `data` is not bytes. Nothing else, for any input.
     """
     data = _as_bytes(data)
-    limit = LIMITS[expected.TYPE] if expected is not None else MAX_MESSAGE
+    limit = _limit_for(expected)
     if len(data) > limit:
         raise MessageTooLarge(expected.TYPE if expected is not None else "*", len(data), limit)
     env = _unpack(data, limit)

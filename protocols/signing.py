@@ -41,10 +41,10 @@ from .errors import (
     WrongSigner,
 )
 from .messages import (
-    LIMITS,
     MAX_MESSAGE,
     SIGNED_OVERHEAD,
     Message,
+    _limit_for,
     decode,
     encode,
     peer_id_of,
@@ -227,8 +227,7 @@ def open_signed(data: bytes, expected: type[Message] | None = None) -> tuple[Mes
         ImpersonationError: the signature is valid but the message names another sender.
         any other RemoteProtocolError from `messages.decode`. Nothing else, for any input.
     """
-    limit = LIMITS[expected.TYPE] if expected is not None else MAX_MESSAGE
-    key, payload, sig = _open_envelope(data, limit)
+    key, payload, sig = _open_envelope(data, _limit_for(expected))
     try:
         Ed25519PublicKey.from_public_bytes(key).verify(sig, SIGNING_DOMAIN + payload)
     except (InvalidSignature, ValueError):

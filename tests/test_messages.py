@@ -347,3 +347,8 @@ def test_error_messages_are_one_line():
     with pytest.raises(SchemaError) as e:
         m.decode(raw_envelope("vote", {**body_of(examples()["vote"]), "round": -1}))
     assert "\n" not in str(e.value) and "vote.round" in str(e.value)
+
+
+def test_expecting_something_that_is_not_a_message_class_is_a_local_error():
+    with pytest.raises(LocalProtocolError):
+        m.decode(m.encode(examples()["vote"]), expected=m.Message)
