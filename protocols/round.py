@@ -1,0 +1,1195 @@
+"""The round's state machine: events in, actions out, no I/O, no clocks.
+
+Everything that decides how a peer moves through a round lives in this file (the h11 rule).
+The daemon feeds events (`Start`, `Tick`, `TrainingDone`, `MessageReceived`, ...) into
+`RoundMachine.process()` and carries out the actions it returns (`Publish`, `FetchDelta`,
+`Merge`, `CommitVersion`, ...). `next_deadline()` says when to send the next `Tick`.
+
+Phase changes are data: `TRANSITIONS[phase][trigger type] -> phase`. A trigger is either an
+external event or one of the internal decisions below (`ProposalAdopted`, `QuorumReached`,
+...). An external event whose type is not in the current phase's row, or that contradicts
+what the machine asked for (a `MergeDone` nobody requested), raises `LocalProtocolError`
+before anything is changed. Remote input never raises: a record for the wrong round or
+base, from a non-member, a duplicate or an equivocation is dropped and counted
+(`RoundMachine.counters`).
+
+The protocol is the one in docs/ARCHITECTURE.md ("The round"), with one safety fix:
+
+*Double quorum.* A version commits only when at least ``ceil(2/3 * |M|)`` of the proposal's
+members M **and** at least ``ceil(2/3 * |E|)`` of the round's electorate E signed the same id,
+where E is the member list of the proposal that committed the head the round builds on
+(for the genesis head, the electorate the caller passes to `Start`). Quorums over M alone
+are not safe: two sides of a partition, or a liar who proposes with a tiny member list,
+can each gather 2/3 of *their own* list and commit different ids. Two quorums of one fixed
+E intersect in more than |E|/3 peers, so in an honest one that voted once (the joint
+consensus argument of Raft's membership change). Corollaries:
+
+- a commit for a round or base we cannot check fully (we fell behind) is adopted when at
+  least ``|E| - ceil(2/3 |E|) + 1`` of *our* electorate signed it: one of them is honest;
+- the same weak quorum of E announcing a later round makes a peer jump to that round;
+- if more than a third of E vanishes at once, rounds stop committing until they return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from fractions import Fraction
+from typing import Callable, Union
+
+from .errors import LocalProtocolError, RemoteProtocolError
+from .messages import (
+    MAX_MEMBERS,
+    Commit,
+    DeltaAnnouncement,
+    Departure,
+    Message,
+    PeerAnnouncement,
+    Proposal,
+    ProposalDelta,
+    Vote,
+    message_hash,
+)
+
+__all__ = [
+    "Phase",
+    "RoundConfig",
+    "PeerInfo",
+    "Start",
+    "Tick",
+    "TrainingDone",
+    "MessageReceived",
+    "DeltaFetched",
+    "MergeDone",
+    "MergeFailed",
+    "VersionSynced",
+    "SyncFailed",
+    "Stop",
+    "Publish",
+    "StartTraining",
+    "KeepDelta",
+    "FetchDelta",
+    "FetchProposal",
+    "Merge",
+    "CommitVersion",
+    "PublishCommit",
+    "SyncVersion",
+    "EnterRound",
+    "RoundFailed",
+    "TRANSITIONS",
+    "RoundMachine",
+    "proposer_rank_key",
+    "quorum",
+    "weak_quorum",
+]
+
+
+class Phase(Enum):
+    """Where a peer is in the current round. Local training runs beside these (a flag)."""
+
+    IDLE = "idle"  # no head yet: waiting for Start
+    COLLECTING = "collecting"  # in a round: announcing, fetching deltas, waiting for a proposal
+    MERGING = "merging"  # adopted a proposal: fetching its deltas, merge asked for
+    VOTED = "voted"  # our vote is out; waiting for a quorum
+    SYNCING = "syncing"  # a quorum committed a version we do not hold: fetching it
+    STOPPED = "stopped"  # left the swarm (Departure published); accepts nothing
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Timing and quorum rules of the round; every peer of an event must use the same."""
+
+    collect_window: float = 60.0  # seconds from entering a round to the first proposer's slot
+    proposal_timeout: float = 10.0  # seconds each proposer rank waits before the next takes over
+    round_deadline: float = 240.0  # seconds from entering a round until it fails if nothing committed
+    commit_publishers: int = 3  # the proposer and the next best-ranked members publish each Commit
+    quorum: Fraction = Fraction(2, 3)  # share of members (and of the electorate) that must sign
+    max_members: int = MAX_MEMBERS  # announcements accepted per round; later ones are dropped
+    future_rounds: int = 8  # rounds ahead of ours whose records are buffered, not dropped
+    future_buffer: int = 4 * MAX_MEMBERS  # records buffered for future rounds, in all
+    proposal_cache: int = 64  # proposals of past rounds kept by hash (to learn an electorate)
+    method: str = "linear"  # merge method written into our proposals (p2pmodel.merge.METHODS)
+    params: tuple[tuple[str, str | bool | int | float], ...] = ()  # its parameters
+
+    def __post_init__(self) -> None:
+        if not (0 < self.collect_window and 0 < self.proposal_timeout and self.collect_window < self.round_deadline):
+            raise LocalProtocolError("RoundConfig needs 0 < collect_window < round_deadline and proposal_timeout > 0")
+        if not Fraction(1, 2) < self.quorum <= 1:
+            raise LocalProtocolError(f"RoundConfig.quorum must be in (1/2, 1], got {self.quorum}")
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What our PeerAnnouncement says besides the round (see messages.PeerAnnouncement)."""
+
+    peer_id: str  # hex sha256(public_key)[:20]
+    public_key: bytes  # raw Ed25519 public key
+    libp2p_id: str  # base58 libp2p peer id
+    addrs: tuple[str, ...]  # multiaddrs
+    event_hash: str  # sha256 hex of the event manifest
+    capabilities: tuple[tuple[str, str | bool | int | float], ...] = ()  # informative
+
+
+def quorum(n: int, share: Fraction = Fraction(2, 3)) -> int:
+    """Signatures needed among `n` peers: ceil(share * n) (0 for n == 0)."""
+    return math.ceil(share * n)
+
+
+def weak_quorum(n: int, share: Fraction = Fraction(2, 3)) -> int:
+    """Smallest count of `n` peers sure to include an honest one when fewer than n - quorum + 1 lie."""
+    return n - quorum(n, share) + 1
+
+
+def proposer_rank_key(round_: int, peer_id: str) -> bytes:
+    """Proposers of a round are ranked by this key, lowest first: sha256(f"{round}:{peer_id}")."""
+    return hashlib.sha256(f"{round_}:{peer_id}".encode()).digest()
+
+
+# --------------------------------------------------------------------------------------
+# Events (inputs). `now` is the caller's clock, in seconds; the machine never reads one.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Join the swarm on head `head_version` (committed in `head_round`, None for the seed)."""
+
+    now: float
+    head_version: str  # sha256 hex version id of the head
+    head_round: int | None  # round that committed it; None for a seeded version
+    electorate: frozenset[str]  # members of the proposal that committed the head (seed: the seeder)
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed; sent at (or after) `next_deadline()`."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class TrainingDone:
+    """The training asked for by the last StartTraining finished; its delta is stored."""
+
+    now: float
+    delta_hash: str  # sha256 hex of the encoded delta
+    samples: int  # training samples behind it
+    encoded_size: int  # bytes of the encoded delta
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    """A record read from the DHT, its envelope already verified; `sender` is the signer.
+
+    Commit certificates are the exception: their votes are opened by the machine itself
+    (see RoundMachine's `open_vote`)."""
+
+    now: float
+    message: Message
+    sender: str  # peer id of the signer
+
+
+@dataclass(frozen=True)
+class DeltaFetched:
+    """A FetchDelta finished: `ok` when the payload arrived and matched its hash."""
+
+    now: float
+    delta_hash: str
+    ok: bool
+
+
+@dataclass(frozen=True)
+class MergeDone:
+    """A Merge finished and passed the CI gate; the version is stored locally."""
+
+    now: float
+    proposal_hash: str
+    version_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergeFailed:
+    """A Merge failed (a delta did not decode, NaN/Inf, the CI gate refused it)."""
+
+    now: float
+    proposal_hash: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class VersionSynced:
+    """A SyncVersion finished: the version's record and tensors are stored and verified."""
+
+    now: float
+    version_id: str
+    round: int
+
+
+@dataclass(frozen=True)
+class SyncFailed:
+    """A SyncVersion could not get the version from any of the peers it tried."""
+
+    now: float
+    version_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Leave the swarm: publish a Departure and accept nothing more."""
+
+    now: float
+
+
+Event = Union[Start, Tick, TrainingDone, MessageReceived, DeltaFetched, MergeDone, MergeFailed, VersionSynced, SyncFailed, Stop]
+
+# --------------------------------------------------------------------------------------
+# Internal triggers: decisions the machine takes while handling an event.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProposalAdopted:
+    """We picked a proposal to merge (or switched to a better-ranked one before voting)."""
+
+
+@dataclass(frozen=True)
+class ProposalDropped:
+    """The adopted proposal turned out invalid (unfetchable delta, merge failed)."""
+
+
+@dataclass(frozen=True)
+class VoteCast:
+    """Our merge finished and our vote went out."""
+
+
+@dataclass(frozen=True)
+class QuorumReached:
+    """A version committed and we hold it (or just synced it): enter the next round."""
+
+
+@dataclass(frozen=True)
+class NeedSync:
+    """A version committed that we do not hold: fetch it before going on."""
+
+
+@dataclass(frozen=True)
+class RoundTimedOut:
+    """round_deadline passed with nothing committed: head unchanged, next round."""
+
+
+@dataclass(frozen=True)
+class RoundSkipped:
+    """A weak quorum of the electorate is in a later round: jump there."""
+
+
+# --------------------------------------------------------------------------------------
+# Actions (outputs)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Sign `message` and store it in the DHT under its round's key."""
+
+    message: Message
+
+
+@dataclass(frozen=True)
+class StartTraining:
+    """Train H inner steps from `base_version` for `round`; add every kept delta into the result."""
+
+    round: int
+    base_version: str
+
+
+@dataclass(frozen=True)
+class KeepDelta:
+    """Our delta `delta_hash` (trained on `base_version`) was not merged: carry it into the next round."""
+
+    delta_hash: str
+    round: int  # round it was trained for
+    base_version: str
+
+
+@dataclass(frozen=True)
+class FetchDelta:
+    """Fetch delta `delta_hash` from `peer_id` (or anyone holding it) and verify its hash."""
+
+    peer_id: str
+    delta_hash: str
+
+
+@dataclass(frozen=True)
+class FetchProposal:
+    """Read the proposal with hash `proposal_hash` from round `round`'s DHT key; feed it back."""
+
+    round: int
+    proposal_hash: str
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Merge `proposal`'s deltas (all fetched) on its base, outer step, CI gate; report MergeDone."""
+
+    proposal: Proposal
+    proposal_hash: str
+
+
+@dataclass(frozen=True)
+class CommitVersion:
+    """Move the head to `version_id` (held locally), annotated with the certificate `votes`."""
+
+    round: int
+    version_id: str
+    proposal_hash: str
+    votes: tuple[Vote, ...]  # the daemon keeps each vote's signed envelope, by (round, voter)
+
+
+@dataclass(frozen=True)
+class PublishCommit:
+    """Build and publish the Commit of `version_id`: its record and the signed `votes`."""
+
+    round: int
+    version_id: str
+    votes: tuple[Vote, ...]
+
+
+@dataclass(frozen=True)
+class SyncVersion:
+    """Fetch version `version_id` (committed in `round`) from one of `from_peers`; report VersionSynced."""
+
+    version_id: str
+    round: int
+    from_peers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EnterRound:
+    """We are now in `round`, building on `base_version` (for logs and the status API)."""
+
+    round: int
+    base_version: str
+
+
+@dataclass(frozen=True)
+class RoundFailed:
+    """`round` ended without a commit we could accept; the head stays."""
+
+    round: int
+    reason: str  # "deadline" or "skipped"
+
+
+Action = Union[
+    Publish, StartTraining, KeepDelta, FetchDelta, FetchProposal, Merge, CommitVersion, PublishCommit,
+    SyncVersion, EnterRound, RoundFailed,
+]  # fmt: skip
+
+# --------------------------------------------------------------------------------------
+# The table. External events that only change what the machine has seen keep the phase;
+# the internal triggers move it.
+# --------------------------------------------------------------------------------------
+
+_SEEN = {
+    Tick: None, TrainingDone: None, MessageReceived: None, DeltaFetched: None,
+    MergeDone: None, MergeFailed: None,
+}  # fmt: skip
+
+
+def _row(phase: Phase, moves: dict[type, Phase]) -> dict[type, Phase]:
+    """A phase inside a round: it sees records, can stop, fail, commit or need a sync."""
+    row: dict[type, Phase] = {t: phase for t in _SEEN}
+    row.update({Stop: Phase.STOPPED, RoundTimedOut: Phase.COLLECTING, RoundSkipped: Phase.COLLECTING})
+    row.update({NeedSync: Phase.SYNCING})
+    row.update(moves)
+    return row
+
+
+TRANSITIONS: dict[Phase, dict[type, Phase]] = {
+    Phase.IDLE: {Start: Phase.COLLECTING, Stop: Phase.STOPPED},
+    Phase.COLLECTING: _row(Phase.COLLECTING, {ProposalAdopted: Phase.MERGING}),
+    Phase.MERGING: _row(
+        Phase.MERGING, {ProposalAdopted: Phase.MERGING, ProposalDropped: Phase.COLLECTING, VoteCast: Phase.VOTED}
+    ),
+    Phase.VOTED: _row(Phase.VOTED, {}),
+    # While syncing, the round's deadline no longer applies: a quorum already decided it.
+    Phase.SYNCING: {
+        **{t: Phase.SYNCING for t in _SEEN},
+        Stop: Phase.STOPPED,
+        NeedSync: Phase.SYNCING,  # a later commit retargets the sync
+        VersionSynced: Phase.SYNCING,  # QuorumReached follows once the electorate is known too
+        SyncFailed: Phase.SYNCING,
+        QuorumReached: Phase.COLLECTING,
+    },
+    Phase.STOPPED: {},
+}
+
+# --------------------------------------------------------------------------------------
+# The machine
+# --------------------------------------------------------------------------------------
+
+
+class _Tally:
+    """Votes for one (proposal hash, version id): who signed, and how many count where."""
+
+    __slots__ = ("voters", "in_members", "in_electorate")
+
+    def __init__(self) -> None:
+        self.voters: set[str] = set()
+        self.in_members = 0
+        self.in_electorate = 0
+
+
+class _RoundView:
+    """What the machine has seen of the round it is in. Reset on entering a round."""
+
+    def __init__(self, round_: int, base: str, t0: float) -> None:
+        self.round, self.base, self.t0 = round_, base, t0
+        self.members: set[str] = set()  # announced for this round
+        self.departed: set[str] = set()
+        self.deltas: dict[str, DeltaAnnouncement] = {}  # by peer id
+        self.fetch: dict[str, bool | None] = {}  # delta hash -> None (asked), True, False
+        self.proposals: dict[str, tuple[Proposal, str]] = {}  # proposer -> (proposal, hash)
+        self.bad_proposers: set[str] = set()  # equivocated, bogus or unfetchable
+        self.candidate: str | None = None  # hash of the adopted proposal
+        self.merge_asked: set[str] = set()  # proposal hashes we asked to merge this round
+        self.computed: dict[str, str] = {}  # version id -> proposal hash, from our merges
+        self.vote: Vote | None = None
+        self.votes: dict[str, Vote] = {}  # voter -> vote
+        self.equivocators: set[str] = set()
+        self.tallies: dict[tuple[str, str], _Tally] = {}
+        self.dirty: set[tuple[str, str]] = set()  # tallies changed since the last quorum check
+        self.by_hash: dict[str, Proposal] = {}
+        self.proposed = False
+        self.fetch_proposal_asked: set[str] = set()
+        self._order: list[str] | None = None  # proposer order, rebuilt when members change
+
+    def proposer_order(self) -> list[str]:
+        """Members not departed, best proposer rank first."""
+        if self._order is None:
+            live = [m for m in self.members if m not in self.departed]
+            self._order = sorted(live, key=lambda m: proposer_rank_key(self.round, m))
+        return self._order
+
+    def members_changed(self) -> None:
+        self._order = None
+
+
+@dataclass
+class _SyncTarget:
+    round: int
+    version_id: str
+    proposal_hash: str
+    base: str
+    votes: tuple[Vote, ...]
+    have_version: bool
+    members: frozenset[str] | None  # of the committed proposal, once known
+
+
+class RoundMachine:
+    """One peer's view of the rounds. Pure and deterministic: same events, same actions.
+
+    Args:
+        peer: what our PeerAnnouncement says (id, keys, addresses, event).
+        config: the round's timing and quorum rules.
+        open_vote: opens one signed vote envelope of a Commit certificate into (Vote, signer),
+            raising RemoteProtocolError when it does not verify. Default: `signing.open_signed`.
+    """
+
+    def __init__(
+        self,
+        peer: PeerInfo,
+        config: RoundConfig = RoundConfig(),
+        *,
+        open_vote: Callable[[bytes], tuple[Vote, str]] | None = None,
+    ) -> None:
+        if open_vote is None:
+            from .signing import open_signed
+
+            def open_vote(data: bytes) -> tuple[Vote, str]:
+                msg, signer = open_signed(data, Vote)
+                return msg, signer  # type: ignore[return-value]
+
+        self.peer, self.config, self._open_vote = peer, config, open_vote
+        self._announcement(0, 0.0)  # a PeerInfo that cannot make a valid announcement fails here, not mid-round
+        self.phase = Phase.IDLE
+        self.head_version: str | None = None
+        self.head_round: int | None = None
+        self.electorate: frozenset[str] = frozenset()
+        self._view: _RoundView | None = None
+        self._training: tuple[int, str] | None = None  # (round, base) of the running training
+        self._my_delta: tuple[str, int, int, int, str] | None = None  # hash, samples, size, round, base
+        self._sync: _SyncTarget | None = None
+        self._future: dict[int, list[tuple[Message, str]]] = {}
+        self._future_count = 0
+        self._future_announcers: dict[int, set[str]] = {}
+        self._proposal_cache: dict[str, tuple[int, Proposal]] = {}
+        self._fetch_asked: set[str] = set()  # every delta hash ever asked for
+        self._merge_asked: set[str] = set()  # every proposal hash ever asked to merge
+        self.counters: dict[str, int] = {k: 0 for k in _COUNTERS}
+        self._now = float("-inf")  # latest event time: next_deadline only returns later times
+
+    # ---- public ------------------------------------------------------------------------
+
+    @property
+    def round(self) -> int | None:
+        """The round we are in (None before Start)."""
+        return self._view.round if self._view else None
+
+    def process(self, event: Event) -> list[Action]:
+        """Feed one event; return the actions to carry out, in order.
+
+        Raises:
+            LocalProtocolError: the event is illegal in this phase or contradicts what the
+                machine asked for. The state is unchanged.
+        """
+        row = TRANSITIONS[self.phase]
+        if type(event) not in row:
+            raise LocalProtocolError(f"{type(event).__name__} is not allowed in phase {self.phase.name}")
+        self._check_legal(event)
+        self._now = max(self._now, event.now)
+        out: list[Action] = []
+        handler = getattr(self, "_on_" + type(event).__name__)
+        handler(event, out)
+        if self.phase not in (Phase.IDLE, Phase.STOPPED):
+            self._advance(event.now, out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The time at which the next Tick must arrive (None: nothing is timed)."""
+        v = self._view
+        if v is None or self.phase in (Phase.IDLE, Phase.STOPPED, Phase.SYNCING):
+            return None
+        times = [v.t0 + self.config.round_deadline]
+        if not v.proposed and v.vote is None:
+            times.append(self._slot(self.peer.peer_id))
+        if v.vote is None:
+            times.extend(self._slot(p) for p in v.proposals if p not in v.bad_proposers)
+        return min(t for t in times if t > self._now or t == times[0])
+
+    # ---- legality ----------------------------------------------------------------------
+
+    def _check_legal(self, event: Event) -> None:
+        """Reject events that contradict what we asked for, before touching any state."""
+        if isinstance(event, Start) and not event.electorate:
+            raise LocalProtocolError("Start needs a non-empty electorate (the genesis one: the seeder)")
+        if isinstance(event, TrainingDone) and self._training is None:
+            raise LocalProtocolError("TrainingDone but no training was started")
+        if isinstance(event, DeltaFetched) and event.delta_hash not in self._fetch_asked:
+            raise LocalProtocolError(f"DeltaFetched for {event.delta_hash[:12]} that was never asked for")
+        if isinstance(event, (MergeDone, MergeFailed)) and event.proposal_hash not in self._merge_asked:
+            raise LocalProtocolError(f"{type(event).__name__} for proposal {event.proposal_hash[:12]} never merged")
+        if isinstance(event, (VersionSynced, SyncFailed)) and (self._sync is None or self._sync.have_version):
+            raise LocalProtocolError(f"{type(event).__name__} but no sync is outstanding")
+
+    def _move(self, trigger: type) -> None:
+        try:
+            self.phase = TRANSITIONS[self.phase][trigger]
+        except KeyError:
+            raise LocalProtocolError(f"internal: {trigger.__name__} in phase {self.phase.name}") from None
+
+    def _count(self, what: str) -> None:
+        self.counters[what] += 1
+
+    # ---- event handlers ----------------------------------------------------------------
+
+    def _on_Start(self, ev: Start, out: list[Action]) -> None:
+        self.head_version, self.head_round, self.electorate = ev.head_version, ev.head_round, ev.electorate
+        self._move(Start)
+        self._enter(self._next_round_after(ev.head_round), ev.now, out)
+
+    def _on_Stop(self, ev: Stop, out: list[Action]) -> None:
+        r = self._view.round if self._view else 0
+        if self._view is not None:
+            self._keep_my_delta(out)
+            out.append(Publish(Departure(peer_id=self.peer.peer_id, round=r, time=max(ev.now, 0.0))))
+        self._move(Stop)
+
+    def _on_Tick(self, ev: Tick, out: list[Action]) -> None:
+        pass  # _advance does the timed work
+
+    def _on_TrainingDone(self, ev: TrainingDone, out: list[Action]) -> None:
+        round_, base = self._training  # type: ignore[misc]
+        self._training = None
+        v = self._view
+        assert v is not None
+        if base != v.base:
+            # Trained on a head that has since moved: the delta is stale; carry it and retrain.
+            out.append(KeepDelta(ev.delta_hash, round_, base))
+            self._start_training(out)
+            return
+        self._my_delta = (ev.delta_hash, ev.samples, ev.encoded_size, v.round, v.base)
+        ann = DeltaAnnouncement(
+            round=v.round, base_version=v.base, peer_id=self.peer.peer_id,
+            delta_hash=ev.delta_hash, encoded_size=ev.encoded_size, samples=ev.samples,
+        )  # fmt: skip
+        out.append(Publish(ann))
+        self._on_delta_announcement(ann, self.peer.peer_id, out)
+        v.fetch[ev.delta_hash] = True  # our own delta is on disk already
+
+    def _on_DeltaFetched(self, ev: DeltaFetched, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        if ev.delta_hash in v.fetch:
+            v.fetch[ev.delta_hash] = ev.ok
+        else:
+            self._count("stale_results")
+
+    def _on_MergeDone(self, ev: MergeDone, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        if ev.proposal_hash not in v.merge_asked:
+            self._count("stale_results")
+            return
+        v.computed[ev.version_id] = ev.proposal_hash
+        if ev.proposal_hash != v.candidate or v.vote is not None or self.phase is not Phase.MERGING:
+            return  # superseded by a better proposal, or we already voted
+        vote = Vote(
+            round=v.round, base_version=v.base, proposal_hash=ev.proposal_hash,
+            version_id=ev.version_id, voter=self.peer.peer_id, metrics=dict(ev.metrics),
+        )  # fmt: skip
+        v.vote = vote
+        self._move(VoteCast)
+        out.append(Publish(vote))
+        self._add_vote(vote, self.peer.peer_id)
+
+    def _on_MergeFailed(self, ev: MergeFailed, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        if ev.proposal_hash != v.candidate or self.phase is not Phase.MERGING:
+            self._count("stale_results")
+            return
+        self._drop_candidate()
+
+    def _on_VersionSynced(self, ev: VersionSynced, out: list[Action]) -> None:
+        s = self._sync
+        assert s is not None
+        if ev.version_id != s.version_id:
+            self._count("stale_results")
+            return
+        s.have_version = True
+        self._move(VersionSynced)
+
+    def _on_SyncFailed(self, ev: SyncFailed, out: list[Action]) -> None:
+        s = self._sync
+        assert s is not None
+        self._move(SyncFailed)
+        if ev.version_id == s.version_id:
+            out.append(SyncVersion(s.version_id, s.round, tuple(sorted({x.voter for x in s.votes}))))
+
+    def _on_MessageReceived(self, ev: MessageReceived, out: list[Action]) -> None:
+        msg, sender = ev.message, ev.sender
+        if isinstance(msg, Commit):
+            self._on_commit(msg, ev.now, out)
+            return
+        if isinstance(msg, Proposal):
+            self._proposal_cache_put(msg)
+            if self._sync is not None and self._sync.members is None:
+                self._learn_members(msg)
+        r = getattr(msg, "round", None)
+        v = self._view
+        assert v is not None
+        if not isinstance(msg, (PeerAnnouncement, DeltaAnnouncement, Proposal, Vote, Departure)) or r is None:
+            self._count("unexpected")
+            return
+        if r < v.round or (r == v.round and self.phase is Phase.SYNCING):
+            self._count("wrong_round")
+            return
+        if r > v.round:
+            self._buffer_future(msg, sender, ev.now, out)
+            return
+        if isinstance(msg, PeerAnnouncement):
+            self._on_peer_announcement(msg, sender)
+        elif isinstance(msg, Departure):
+            if msg.peer_id in v.members or msg.peer_id in self.electorate:
+                v.departed.add(msg.peer_id)
+                v.members_changed()
+        elif msg.base_version != v.base:  # DeltaAnnouncement, Proposal, Vote
+            self._count("wrong_base")
+        elif isinstance(msg, DeltaAnnouncement):
+            self._on_delta_announcement(msg, sender, out)
+        elif isinstance(msg, Proposal):
+            self._on_proposal(msg, sender)
+        else:
+            self._on_vote(msg, sender)
+
+    # ---- records of the current round --------------------------------------------------
+
+    def _on_peer_announcement(self, msg: PeerAnnouncement, sender: str) -> None:
+        v = self._view
+        assert v is not None
+        if msg.peer_id in v.members:
+            self._count("duplicate")
+        elif len(v.members) >= self.config.max_members:
+            self._count("over_capacity")
+        else:
+            v.members.add(msg.peer_id)
+            v.members_changed()
+
+    def _is_member(self, peer_id: str) -> bool:
+        v = self._view
+        assert v is not None
+        return peer_id in v.members or peer_id in self.electorate
+
+    def _on_delta_announcement(self, msg: DeltaAnnouncement, sender: str, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        if not self._is_member(msg.peer_id):
+            self._count("non_member")
+            return
+        prev = v.deltas.get(msg.peer_id)
+        if prev is not None:
+            self._count("duplicate" if prev == msg else "equivocation")
+            return
+        v.deltas[msg.peer_id] = msg
+        if msg.peer_id != self.peer.peer_id:
+            self._fetch(msg.peer_id, msg.delta_hash, out)  # prefetch: every peer merges every delta
+
+    def _fetch(self, peer_id: str, delta_hash: str, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        if delta_hash not in v.fetch:
+            v.fetch[delta_hash] = None
+            self._fetch_asked.add(delta_hash)
+            out.append(FetchDelta(peer_id, delta_hash))
+
+    def _on_proposal(self, msg: Proposal, sender: str) -> None:
+        v = self._view
+        assert v is not None
+        if not self._is_member(msg.proposer):
+            self._count("non_member")
+            return
+        h = message_hash(msg)
+        prev = v.proposals.get(msg.proposer)
+        if prev is not None:
+            if prev[1] == h:
+                self._count("duplicate")
+            else:
+                self._count("equivocation")
+                v.bad_proposers.add(msg.proposer)
+                if v.candidate == prev[1] and self.phase is Phase.MERGING:
+                    self._drop_candidate()
+            return
+        v.proposals[msg.proposer] = (msg, h)
+        if not self._proposal_is_sound(msg):
+            self._count("bogus_proposal")
+            v.bad_proposers.add(msg.proposer)
+            return
+        v.by_hash[h] = msg
+        for key, tally in v.tallies.items():  # votes may have arrived before the proposal
+            if key[0] == h:
+                tally.in_members = sum(1 for x in tally.voters if x in msg.members)
+                v.dirty.add(key)
+
+    def _proposal_is_sound(self, p: Proposal) -> bool:
+        """Checks a proposal can pass without fetching anything."""
+        v = self._view
+        assert v is not None
+        members = set(p.members)
+        if p.proposer not in members or list(p.members) != sorted(p.members):
+            return False
+        if len(p.members) > self.config.max_members:
+            return False
+        peers = [d.peer_id for d in p.deltas]
+        if len(set(peers)) != len(peers) or not set(peers) <= members:
+            return False
+        for d in p.deltas:  # a listed delta must be the one its owner announced, if we saw it
+            ann = v.deltas.get(d.peer_id)
+            if ann is not None and ann.delta_hash != d.delta_hash:
+                return False
+        return True
+
+    def _on_vote(self, vote: Vote, sender: str) -> None:
+        if not self._is_member(vote.voter):
+            self._count("non_member")
+            return
+        self._add_vote(vote, sender)
+
+    def _add_vote(self, vote: Vote, sender: str) -> None:
+        v = self._view
+        assert v is not None
+        if vote.voter in v.equivocators:
+            self._count("equivocation")
+            return
+        prev = v.votes.get(vote.voter)
+        if prev is not None:
+            if (prev.proposal_hash, prev.version_id) == (vote.proposal_hash, vote.version_id):
+                self._count("duplicate")
+                return
+            # Two votes from one voter: neither counts, ever (it may have shown each to half of us).
+            self._count("equivocation")
+            v.equivocators.add(vote.voter)
+            self._untally(prev)
+            return
+        v.votes[vote.voter] = vote
+        key = (vote.proposal_hash, vote.version_id)
+        tally = v.tallies.get(key)
+        if tally is None:
+            tally = v.tallies[key] = _Tally()
+        tally.voters.add(vote.voter)
+        v.dirty.add(key)
+        prop = self._proposal_by_hash(vote.proposal_hash)
+        if prop is not None and vote.voter in prop.members:
+            tally.in_members += 1
+        if vote.voter in self.electorate:
+            tally.in_electorate += 1
+
+    def _untally(self, vote: Vote) -> None:
+        v = self._view
+        assert v is not None
+        tally = v.tallies[(vote.proposal_hash, vote.version_id)]
+        tally.voters.discard(vote.voter)
+        prop = self._proposal_by_hash(vote.proposal_hash)
+        if prop is not None and vote.voter in prop.members:
+            tally.in_members -= 1
+        if vote.voter in self.electorate:
+            tally.in_electorate -= 1
+
+    def _proposal_by_hash(self, h: str) -> Proposal | None:
+        v = self._view
+        assert v is not None
+        p = v.by_hash.get(h)
+        if p is not None:
+            return p
+        cached = self._proposal_cache.get(h)
+        return cached[1] if cached else None
+
+    # ---- commits -----------------------------------------------------------------------
+
+    def _on_commit(self, msg: Commit, now: float, out: list[Action]) -> None:
+        votes: dict[str, Vote] = {}
+        for data in msg.certificate:
+            try:
+                vote, signer = self._open_vote(data)
+            except RemoteProtocolError:
+                self._count("bad_certificate_vote")
+                continue
+            if vote.voter != signer:
+                self._count("bad_certificate_vote")
+                continue
+            votes[vote.voter] = vote
+        keys = {(x.round, x.base_version, x.proposal_hash, x.version_id) for x in votes.values()}
+        if len(keys) != 1 or next(iter(keys))[0] != msg.round:
+            self._count("bad_commit")
+            return
+        round_, base, ph, vid = next(iter(keys))
+        if self._sync is not None and (round_, vid) == (self._sync.round, self._sync.version_id):
+            self._count("duplicate")
+            return
+        if self.head_round is not None and round_ <= self.head_round:
+            self._count("wrong_round")
+            return
+        signers = set(votes)
+        e_count = len(signers & self.electorate)
+        if base == self.head_version:
+            prop = self._proposal_by_hash(ph)
+            if e_count < quorum(len(self.electorate), self.config.quorum):
+                self._count("bad_commit")
+                return
+            if prop is not None and len(signers & set(prop.members)) < quorum(len(prop.members), self.config.quorum):
+                self._count("bad_commit")
+                return
+        elif e_count < weak_quorum(len(self.electorate), self.config.quorum):
+            self._count("bad_commit")  # cannot vouch for a chain we have not followed
+            return
+        self._commit(round_, vid, ph, base, tuple(votes[k] for k in sorted(votes)), now, out)
+
+    def _commit(self, round_: int, vid: str, ph: str, base: str, votes: tuple[Vote, ...], now: float,
+                out: list[Action]) -> None:  # fmt: skip
+        """A quorum we accept committed `vid` in `round_`: adopt it, syncing it if we must."""
+        v = self._view
+        assert v is not None
+        have = base == v.base and vid in v.computed
+        prop = self._proposal_by_hash(ph)
+        self._sync = _SyncTarget(round_, vid, ph, base, votes, have, frozenset(prop.members) if prop else None)
+        if not have:
+            out.append(SyncVersion(vid, round_, tuple(sorted({x.voter for x in votes}))))
+        if prop is None and ph not in v.fetch_proposal_asked:
+            v.fetch_proposal_asked.add(ph)
+            out.append(FetchProposal(round_, ph))
+        self._move(NeedSync)
+
+    def _learn_members(self, p: Proposal) -> None:
+        s = self._sync
+        assert s is not None
+        if message_hash(p) == s.proposal_hash:
+            s.members = frozenset(p.members)
+
+    def _finish_sync(self, now: float, out: list[Action]) -> None:
+        s = self._sync
+        assert s is not None and s.have_version and s.members is not None
+        v = self._view
+        assert v is not None
+        mine = self._my_delta
+        out.append(CommitVersion(s.round, s.version_id, s.proposal_hash, s.votes))
+        merged = False
+        if mine is not None and s.base == mine[4]:
+            prop = self._proposal_by_hash(s.proposal_hash)
+            merged = prop is not None and any(d.delta_hash == mine[0] for d in prop.deltas)
+        if not merged:
+            self._keep_my_delta(out)
+        self._my_delta = None
+        self.head_version, self.head_round, self.electorate = s.version_id, s.round, s.members
+        self._sync = None
+        self.counters["rounds_committed"] += 1
+        self._move(QuorumReached)
+        self._enter(max(s.round + 1, v.round), now, out)
+
+    # ---- time and progress -------------------------------------------------------------
+
+    def _advance(self, now: float, out: list[Action]) -> None:
+        """Everything that follows from the state at `now`: proposing, adopting, quorums, deadlines."""
+        if self.phase is Phase.SYNCING:
+            s = self._sync
+            assert s is not None
+            if s.have_version and s.members is not None:
+                self._finish_sync(now, out)
+            return
+        v = self._view
+        assert v is not None
+        self._check_quorums(now, out)
+        if self.phase is Phase.SYNCING:
+            self._advance(now, out)
+            return
+        if now >= v.t0 + self.config.round_deadline:
+            self._fail(now, "deadline", v.round + 1, RoundTimedOut, out)
+            return
+        if now < v.t0 + self.config.collect_window:
+            return  # nobody may propose yet
+        self._maybe_merge(out)  # may drop an unfetchable candidate ...
+        self._maybe_propose(now, out)  # ... which lets a worse-ranked proposer speak
+        self._maybe_adopt(now, out)
+        self._maybe_merge(out)
+
+    def _slot(self, proposer: str) -> float:
+        """When `proposer` may propose, by its rank among the members we know."""
+        v = self._view
+        assert v is not None
+        order = v.proposer_order()
+        try:
+            rank = order.index(proposer)
+        except ValueError:  # not announced (yet): ranked by where it would sort
+            key = proposer_rank_key(v.round, proposer)
+            rank = sum(1 for m in order if proposer_rank_key(v.round, m) < key)
+        return v.t0 + self.config.collect_window + rank * self.config.proposal_timeout
+
+    def _rank_key(self, proposer: str) -> bytes:
+        v = self._view
+        assert v is not None
+        return proposer_rank_key(v.round, proposer)
+
+    def _maybe_propose(self, now: float, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        me = self.peer.peer_id
+        if v.proposed or v.vote is not None or me not in v.members:
+            return
+        if now < self._slot(me):
+            return
+        mine = self._rank_key(me)
+        for proposer in v.proposals:
+            if proposer not in v.bad_proposers and self._rank_key(proposer) < mine:
+                return  # a better-ranked proposal is alive
+        members = sorted(m for m in v.members if m not in v.departed)[: self.config.max_members]
+        deltas = tuple(
+            ProposalDelta(p, a.delta_hash, float(a.samples))
+            for p, a in sorted(v.deltas.items())
+            if p in members and v.fetch.get(a.delta_hash) is True
+        )
+        prop = Proposal(
+            round=v.round, base_version=v.base, proposer=me, members=tuple(members), deltas=deltas,
+            time=max(now, 0.0), method=self.config.method, params=dict(self.config.params),
+        )  # fmt: skip
+        v.proposed = True
+        out.append(Publish(prop))
+        self._proposal_cache_put(prop)
+        self._on_proposal(prop, me)
+
+    def _maybe_adopt(self, now: float, out: list[Action]) -> None:
+        """Adopt the best-ranked eligible proposal, or switch to a better one before voting."""
+        v = self._view
+        assert v is not None
+        if v.vote is not None or self.phase not in (Phase.COLLECTING, Phase.MERGING):
+            return
+        best: tuple[bytes, str] | None = None
+        for proposer, (p, h) in v.proposals.items():
+            if proposer in v.bad_proposers or now < self._slot(proposer):
+                continue
+            cand = (self._rank_key(proposer), h)
+            if best is None or cand < best:
+                best = cand
+        if best is None or best[1] == v.candidate:
+            return
+        if v.candidate is not None:
+            cur = next(pr for pr, (_, h) in v.proposals.items() if h == v.candidate)
+            if self._rank_key(cur) <= best[0]:
+                return
+            self._count("proposal_switches")
+        v.candidate = best[1]
+        self._move(ProposalAdopted)
+        prop = self._proposal_by_hash(best[1])
+        assert prop is not None
+        for d in prop.deltas:
+            if d.peer_id != self.peer.peer_id or self._my_delta is None or self._my_delta[0] != d.delta_hash:
+                self._fetch(d.peer_id, d.delta_hash, out)
+
+    def _maybe_merge(self, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        if self.phase is not Phase.MERGING or v.candidate is None or v.candidate in v.merge_asked:
+            return
+        prop = self._proposal_by_hash(v.candidate)
+        assert prop is not None
+        states = [v.fetch.get(d.delta_hash) for d in prop.deltas]
+        if any(s is False for s in states):
+            self._count("unfetchable_proposal")
+            v.bad_proposers.add(prop.proposer)
+            self._drop_candidate()
+            return
+        if all(s is True for s in states):
+            v.merge_asked.add(v.candidate)
+            self._merge_asked.add(v.candidate)
+            out.append(Merge(prop, v.candidate))
+
+    def _drop_candidate(self) -> None:
+        v = self._view
+        assert v is not None
+        v.candidate = None
+        self._move(ProposalDropped)
+
+    def _tally_commits(self, key: tuple[str, str], tally: _Tally) -> bool:
+        prop = self._proposal_by_hash(key[0])
+        if prop is None:
+            return False
+        q = self.config.quorum
+        return tally.in_members >= quorum(len(prop.members), q) and tally.in_electorate >= quorum(
+            len(self.electorate), q
+        )
+
+    def _check_quorums(self, now: float, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        dirty, v.dirty = v.dirty, set()
+        for key in sorted(dirty):
+            tally = v.tallies[key]
+            if self._tally_commits(key, tally):
+                prop = self._proposal_by_hash(key[0])
+                assert prop is not None
+                votes = tuple(v.votes[x] for x in sorted(tally.voters))
+                # A few publishers, not all: a certificate is O(members) bytes, and every peer reads every one.
+                publishers = [prop.proposer] + [m for m in v.proposer_order() if m != prop.proposer]
+                if self.peer.peer_id in publishers[: self.config.commit_publishers]:
+                    out.append(PublishCommit(v.round, key[1], votes))
+                self._commit(v.round, key[1], key[0], v.base, votes, now, out)
+                return
+            if tally.in_electorate >= quorum(len(self.electorate), self.config.quorum):
+                if key[0] not in v.fetch_proposal_asked and self._proposal_by_hash(key[0]) is None:
+                    v.fetch_proposal_asked.add(key[0])
+                    out.append(FetchProposal(v.round, key[0]))
+
+    def _fail(self, now: float, reason: str, next_round: int, trigger: type, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        out.append(RoundFailed(v.round, reason))
+        self.counters["rounds_failed"] += 1
+        self._move(trigger)
+        self._enter(next_round, now, out)
+
+    # ---- entering rounds ---------------------------------------------------------------
+
+    def _next_round_after(self, head_round: int | None) -> int:
+        return 0 if head_round is None else head_round + 1
+
+    def _enter(self, round_: int, now: float, out: list[Action]) -> None:
+        assert self.head_version is not None
+        self._view = v = _RoundView(round_, self.head_version, now)
+        out.append(EnterRound(round_, v.base))
+        out.append(Publish(self._announcement(round_, now)))
+        v.members.add(self.peer.peer_id)
+        # Whatever happened to the last round, a delta it did not merge is carried, never dropped.
+        self._keep_my_delta(out)
+        if self._training is None:
+            self._start_training(out)
+        self._replay_future(now, out)
+
+    def _announcement(self, round_: int, now: float) -> PeerAnnouncement:
+        me = self.peer
+        return PeerAnnouncement(
+            peer_id=me.peer_id, public_key=me.public_key, libp2p_id=me.libp2p_id, addrs=me.addrs,
+            capabilities=dict(me.capabilities), event_hash=me.event_hash, round=round_, time=max(now, 0.0),
+        )  # fmt: skip
+
+    def _keep_my_delta(self, out: list[Action]) -> None:
+        if self._my_delta is not None:
+            h, _, _, r, base = self._my_delta
+            out.append(KeepDelta(h, r, base))
+            self._my_delta = None
+
+    def _start_training(self, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        self._training = (v.round, v.base)
+        out.append(StartTraining(v.round, v.base))
+
+    # ---- records of later rounds -------------------------------------------------------
+
+    def _buffer_future(self, msg: Message, sender: str, now: float, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        r = msg.round  # type: ignore[attr-defined]
+        if r > v.round + self.config.future_rounds or self._future_count >= self.config.future_buffer:
+            self._count("too_far_ahead")
+            return
+        self._future.setdefault(r, []).append((msg, sender))
+        self._future_count += 1
+        self.counters["buffered_future"] += 1
+        if isinstance(msg, PeerAnnouncement) and msg.peer_id in self.electorate:
+            seen = self._future_announcers.setdefault(r, set())
+            seen.add(msg.peer_id)
+            if len(seen) >= weak_quorum(len(self.electorate), self.config.quorum) and self.phase in (
+                Phase.COLLECTING, Phase.MERGING, Phase.VOTED,
+            ):  # fmt: skip
+                self._fail(now, "skipped", r, RoundSkipped, out)
+
+    def _replay_future(self, now: float, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        for r in [r for r in self._future if r <= v.round]:
+            items = self._future.pop(r)
+            self._future_count -= len(items)
+            self._future_announcers.pop(r, None)
+            if r < v.round:
+                self.counters["wrong_round"] += len(items)
+                continue
+            for msg, sender in items:
+                self._on_MessageReceived(MessageReceived(now, msg, sender), out)
+
+    def _proposal_cache_put(self, p: Proposal) -> None:
+        h = message_hash(p)
+        self._proposal_cache[h] = (p.round, p)
+        if len(self._proposal_cache) > self.config.proposal_cache:
+            oldest = min(self._proposal_cache, key=lambda k: self._proposal_cache[k][0])
+            del self._proposal_cache[oldest]
+
+
+_COUNTERS = (
+    "wrong_round",  # record for a round we are not in (past, or being synced past)
+    "wrong_base",  # record for our round built on another head
+    "non_member",  # record from a peer that did not announce itself this round
+    "duplicate",  # the same record again
+    "equivocation",  # a second, different record (vote, proposal, delta) from one peer
+    "over_capacity",  # announcement past max_members
+    "bogus_proposal",  # proposal that fails a check we can make without fetching
+    "unfetchable_proposal",  # proposal whose deltas could not be fetched
+    "bad_commit",  # commit whose certificate does not make a quorum we can check
+    "bad_certificate_vote",  # certificate entry that does not verify
+    "stale_results",  # fetch/merge/sync result we no longer need
+    "unexpected",  # message type that does not belong in the DHT round keys
+    "too_far_ahead",  # record for a round beyond the buffer
+    "buffered_future",  # records kept for a later round
+    "proposal_switches",  # adopted a better-ranked proposal before voting
+    "rounds_committed",
+    "rounds_failed",
+)
