@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import threading
 import time as _time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ class LineageStore:
         self.objects_dir = os.path.join(self.root, "objects")
         self.index = index
         self.durable = durable
-        self._dirty_dirs: set[str] | None = None  # set while a commit batches folder fsyncs
+        self._local = threading.local()  # .dirty: folders awaiting fsync while this thread batches writes
 
     # --- opening ------------------------------------------------------------------------
     @classmethod
@@ -254,24 +255,26 @@ class LineageStore:
         return True
 
     def _sync_later(self, folder: str) -> None:
-        if self._dirty_dirs is None:
+        dirty = getattr(self._local, "dirty", None)
+        if dirty is None:
             self._fsync_dir(folder)
         else:
-            self._dirty_dirs.add(folder)
+            dirty.add(folder)
 
     @contextmanager
     def _batch(self) -> Iterator[None]:
-        """Defer folder fsyncs to the end of a batch of writes (one fsync per folder)."""
-        if self._dirty_dirs is not None:
+        """Defer folder fsyncs to the end of this thread's batch of writes (one fsync per folder)."""
+        if getattr(self._local, "dirty", None) is not None:
             yield
             return
-        self._dirty_dirs = set()
+        self._local.dirty = set()
         try:
             yield
-            for folder in sorted(self._dirty_dirs, key=len, reverse=True):
+            # deepest first: a new objects/ab/ folder is durable only once objects/ is synced too
+            for folder in sorted(self._local.dirty, key=len, reverse=True):
                 self._fsync_dir(folder)
         finally:
-            self._dirty_dirs = None
+            self._local.dirty = None
 
     def _read(self, oid: str, needed_by: str | None = None) -> bytearray:
         """The verified canonical bytes of `oid`, in a fresh writable buffer."""
