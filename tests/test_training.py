@@ -4,12 +4,17 @@ Guarantees checked here:
 - `outer_step` is the written formula, in float32, pure, and with lr=1, mu=0 it is exactly
   plain averaging (base + merged delta); momentum accumulates across rounds;
 - `InnerTrainer` lowers the loss, reports what it did, keeps AdamW state across
-  `load_base`, computes `delta = theta_local - base`, and stops when told to.
+  `load_base`, computes `delta = theta_local - base`, and stops when told to;
+- `scripts/gpu_check`'s CPU path runs and reports throughput and loss.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+from importlib.machinery import SourceFileLoader
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +188,19 @@ def test_amp_is_off_on_cpu_by_default(trainer):
 def test_unknown_amp_mode_is_rejected(task):
     with pytest.raises(TrainingError, match="amp"):
         InnerTrainer(task, task.build_model(), "cpu", amp="fp8", cpu_threads=1)
+
+
+# ---------------------------------------------------------------- scripts/gpu_check (CPU path)
+
+
+def test_gpu_check_cpu_path_reports_throughput_and_loss(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check"
+    loader = SourceFileLoader("gpu_check", str(script))  # no .py suffix: name the loader
+    gpu_check = importlib.util.module_from_spec(importlib.util.spec_from_loader("gpu_check", loader))
+    loader.exec_module(gpu_check)
+    out = tmp_path / "report.json"
+    argv = ["--cpu-only", "--skip-swarm", "--no-large", "--cpu-steps", "3", "--warmup", "1", "--cpu-threads", "1"]
+    assert gpu_check.main([*argv, "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["device"], row["steps"], row["amp"]) == ("cpu", 3, "off")
+    assert row["tokens_per_s"] > 0 and math.isfinite(row["train_loss"])
