@@ -43,7 +43,8 @@ def strategy_for(check: m._Check) -> st.SearchStrategy:
     if isinstance(check, m.Blob):
         return st.binary(min_size=check.min_len, max_size=max(check.min_len, min(check.max_len, 8 * SMALL)))
     if isinstance(check, m.Scalar):
-        return st.one_of(st.booleans(), st.integers(0, 1 << 62), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
+        finite = st.floats(allow_nan=False, allow_infinity=False)
+        return st.one_of(st.booleans(), st.integers(0, 1 << 62), finite, st.text(max_size=20))
     if isinstance(check, m.Seq):
         return st.lists(strategy_for(check.item), min_size=check.min_items, max_size=SMALL, unique=check.unique)
     if isinstance(check, m.Record):
