@@ -31,11 +31,13 @@ from typing import Annotated, Any, ClassVar, NamedTuple
 
 import msgpack
 
-from .errors import (
+from .errors import (  # the errors are re-exported: ARCHITECTURE lists them with the messages
     InvalidMessage,
     LocalProtocolError,
     MalformedMessage,
     MessageTooLarge,
+    ProtocolError,
+    RemoteProtocolError,
     SchemaError,
     UnexpectedMessage,
     UnknownMessageType,
@@ -70,6 +72,16 @@ __all__ = [
     "peer_id_of",
     "sender_of",
     "schema_of",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "InvalidMessage",
+    "MalformedMessage",
+    "MessageTooLarge",
+    "SchemaError",
+    "UnexpectedMessage",
+    "UnknownMessageType",
+    "UnsupportedVersion",
 ]
 
 # (major, minor). A reader refuses another major; a newer minor only adds defaulted fields.
