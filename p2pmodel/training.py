@@ -123,7 +123,7 @@ class InnerTrainer:
         self.grad_clip = grad_clip
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
         # GradScaler only for fp16: bf16 has fp32's exponent range and needs no loss scaling.
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype is torch.float16 else None
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads or cpu_thread_budget())
         self.peer_seed = peer_seed

@@ -185,6 +185,15 @@ def test_amp_is_off_on_cpu_by_default(trainer):
     assert trainer.amp == "off"
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_paths_train(task, amp):
+    # CUDA picks one of these; on CPU autocast exercises the same code (fp16: with GradScaler)
+    trainer = InnerTrainer(task, task.build_model(), "cpu", lr=1e-2, amp=amp, cpu_threads=1)
+    result = trainer.train(5)
+    assert trainer.amp == amp and math.isfinite(result.mean_loss)
+    assert (trainer.scaler is not None) == (amp == "fp16")
+
+
 def test_unknown_amp_mode_is_rejected(task):
     with pytest.raises(TrainingError, match="amp"):
         InnerTrainer(task, task.build_model(), "cpu", amp="fp8", cpu_threads=1)
