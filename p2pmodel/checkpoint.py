@@ -34,6 +34,7 @@ import shutil
 import struct
 import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Union
@@ -53,6 +54,7 @@ __all__ = [
     "UnknownTensor",
     "OutputExists",
     "LayoutMismatch",
+    "WriteFailed",
     "CheckpointReader",
     "open_checkpoint",
     "write_safetensors",
@@ -176,6 +178,23 @@ class LayoutMismatch(CheckpointError):
     def __init__(self, path: str | os.PathLike, reason: str):
         self.reason = reason
         super().__init__(path, f"cannot write {path}: {reason}")
+
+
+class WriteFailed(CheckpointError):
+    """The operating system refused to write the output (permissions, disk full, ...)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.reason = reason
+        super().__init__(path, f"cannot write {path}: {reason}")
+
+
+@contextmanager
+def _os_error_names(dest: Path) -> Iterator[None]:
+    """Report an OSError while writing `dest` as WriteFailed naming `dest`, not a temp file."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteFailed(dest, e.strerror or str(e)) from None
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -645,8 +664,22 @@ def write_safetensors(
             tensors may then arrive in any order and are never spooled.
         overwrite: replace an existing file; otherwise `OutputExists`.
         on_tensor: progress callback, `(name, bytes)` after each tensor.
-    Returns the path written. Raises `OutputExists`, `LayoutMismatch`.
+    Returns the path written. Raises `OutputExists`, `LayoutMismatch`, `WriteFailed`.
     """
+    with _os_error_names(Path(path)):
+        return _write_safetensors(path, tensors, metadata, layout=layout, overwrite=overwrite, on_tensor=on_tensor)
+
+
+def _write_safetensors(
+    path: str | os.PathLike,
+    tensors: TensorSource,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    layout: Layout | None = None,
+    overwrite: bool = False,
+    on_tensor: OnTensor | None = None,
+) -> Path:
+    """The body of `write_safetensors`."""
     dest = Path(path)
     if dest.exists() and not overwrite:
         raise OutputExists(dest)
@@ -715,8 +748,24 @@ def write_hf_folder(
     atomically: it is built under a temp name next to `out_dir` and renamed into place; with
     `overwrite`, an existing folder is swapped out after the new one is complete.
 
-    Returns the folder. Raises `OutputExists`, `LayoutMismatch`, `CheckpointError`.
+    Returns the folder. Raises `OutputExists`, `LayoutMismatch`, `WriteFailed`.
     """
+    with _os_error_names(Path(out_dir)):
+        return _write_hf_folder(out_dir, tensors, extra_files, max_shard_bytes=max_shard_bytes, layout=layout,
+                                overwrite=overwrite, on_tensor=on_tensor)
+
+
+def _write_hf_folder(
+    out_dir: str | os.PathLike,
+    tensors: TensorSource,
+    extra_files: Mapping[str, bytes] | None = None,
+    *,
+    max_shard_bytes: int = 5 * 10**9,
+    layout: Layout | None = None,
+    overwrite: bool = False,
+    on_tensor: OnTensor | None = None,
+) -> Path:
+    """The body of `write_hf_folder`."""
     dest = Path(out_dir)
     extra_files = dict(extra_files or {})
     if dest.exists() and not overwrite:

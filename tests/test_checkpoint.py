@@ -29,6 +29,7 @@ from p2pmodel.checkpoint import (
     PickleCheckpointRefused,
     ShardIndexMismatch,
     UnknownTensor,
+    WriteFailed,
     dtype_name,
     open_checkpoint,
     write_hf_folder,
@@ -313,3 +314,12 @@ def test_side_file_names_cannot_escape_the_folder(tmp_path):
         write_hf_folder(tmp_path / "out", {"a": torch.ones(1)}, {"../evil": b""})
     assert not (tmp_path / "evil").exists() and not (tmp_path / "out").exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_os_refusing_the_write_is_a_typed_error_naming_the_destination(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    dest = tmp_path / "file" / "o.safetensors"  # its parent is a file, so no folder can be made
+    with pytest.raises(WriteFailed, match="o.safetensors"):
+        write_safetensors(dest, {"a": torch.ones(1)})
+    with pytest.raises(WriteFailed, match="out"):
+        write_hf_folder(tmp_path / "file" / "out", {"a": torch.ones(1)})
