@@ -76,12 +76,13 @@ class VersionInfo:
 class Index:
     """The SQLite index. Thread-safe: one connection, serialised by a lock."""
 
-    def __init__(self, path: str, create: bool = False):
+    def __init__(self, path: str, create: bool = False, durable: bool = True):
         self._lock = threading.RLock()
         # isolation_level=None: we issue BEGIN ourselves, so a transaction is exactly what we say
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # FULL: a committed transaction survives power loss; NORMAL (WAL) still survives a killed process
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.execute("PRAGMA foreign_keys=OFF")
         if create:
             with self.transaction() as db:

@@ -93,6 +93,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE: dict[str, int] = {k: v.itemsize for k, v in DTYPES.items()}
 _ALIGN = 8  # largest element size; tensor headers are padded to it
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_HEADER = 4096
@@ -174,8 +175,7 @@ def parse_header(data: bytes | bytearray | memoryview, oid: str | None = None) -
             raise InvalidObject(oid, "malformed shape") from None
         if any(d < 0 for d in shape) or encode_tensor_header(dtype, shape) != header:
             raise InvalidObject(oid, "non-canonical tensor header")
-        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
-        if math.prod(shape) * itemsize != body:
+        if math.prod(shape) * _ITEMSIZE[dtype] != body:
             raise InvalidObject(oid, f"body is {body} bytes, header says {dtype} {list(shape)}")
         return kind, {"dtype": dtype, "shape": shape}, len(header)
     if kind in ("file", "version") and len(fields) == 2:
@@ -288,7 +288,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return self.numel * _ITEMSIZE[self.dtype]
 
     def _pack(self) -> list:
         return [self.oid, self.dtype, list(self.shape)]

@@ -176,7 +176,7 @@ class LineageStore:
             raise RepositoryExists(root)
         os.makedirs(os.path.join(root, "objects"), exist_ok=True)
         open(os.path.join(root, "lock"), "a").close()
-        store = cls(root, Index(os.path.join(root, "index.sqlite"), create=True), durable)
+        store = cls(root, Index(os.path.join(root, "index.sqlite"), create=True, durable=durable), durable)
         store._fsync_dir(root)
         return store
 
@@ -186,7 +186,7 @@ class LineageStore:
         root = os.fspath(path)
         if not os.path.isfile(os.path.join(root, "index.sqlite")) or not os.path.isdir(os.path.join(root, "objects")):
             raise RepositoryNotFound(root)
-        return cls(root, Index(os.path.join(root, "index.sqlite")), durable)
+        return cls(root, Index(os.path.join(root, "index.sqlite"), durable=durable), durable)
 
     def close(self) -> None:
         self.index.close()
