@@ -65,8 +65,8 @@ def repo(tmp_path_factory):
     v2 = _model(0)
     v2["layer.weight"][0, :4] += 1.0
     save_file(v2, base / "v2.safetensors")
-    run("init", repo=repo)
-    run("commit", str(base / "v1"), "-m", "first", repo=repo)
+    assert main(["--repo", str(repo), "init"]) == 0
+    assert main(["--repo", str(repo), "commit", str(base / "v1"), "-m", "first"]) == 0
     assert main(["--repo", str(repo), "commit", str(base / "v2.safetensors"), "-m", "second",
                  "--metric", "eval_loss=2.5"]) == 0
     return repo

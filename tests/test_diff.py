@@ -139,3 +139,21 @@ def test_json_form_has_the_documented_fields():
         "relative_change", "changed_entries", "changed_fraction", "numel", "reshaped"}
     assert set(j["totals"]) == {"counts", "l2_change", "norm_a", "relative_change", "changed_entries",
                                 "compared_entries", "changed_fraction"}
+
+
+def test_diff_versions_on_a_store_loads_only_changed_tensors(tmp_path, monkeypatch):
+    from p2pmodel.lineage import LineageStore
+    from p2pmodel.lineage.diff import diff_versions
+
+    store = LineageStore.init(tmp_path / "repo", durable=False)
+    a = {"keep": torch.ones(4), "move": torch.zeros(3)}
+    store.commit(a, message="a", files={"config.json": b"{}"})
+    store.commit(a | {"move": torch.tensor([0.0, 3.0, 4.0])}, message="b", files={"config.json": b"{ }"})
+    loaded = []
+    real = store.get_tensor
+    monkeypatch.setattr(store, "get_tensor", lambda e, needed_by=None: loaded.append(e.oid) or real(e, needed_by))
+    report = diff_versions(store, "main~1", "main")
+    assert len(loaded) == 2 and {t.name: t.status for t in report.tensors} == {"keep": "unchanged", "move": "changed"}
+    assert report.totals.l2_change == pytest.approx(5.0)
+    assert report.files == {"config.json": "changed"}
+    assert (report.a, report.b) == (store.resolve("main~1"), store.resolve("main"))
