@@ -24,17 +24,8 @@ from p2pmodel.lineage.objects import (
     tensor_oid,
 )
 from p2pmodel.lineage.refs import AmbiguousRef, InvalidRefName, RefConflict, RefError, RefNotFound
-from p2pmodel.lineage.store import (
-    GcRefused,
-    GcReport,
-    LineageStore,
-    ObjectCorrupt,
-    ObjectMissing,
-    Problem,
-    RepositoryExists,
-    RepositoryNotFound,
-    VerifyReport,
-)
+from p2pmodel.lineage.maintenance import GcRefused, GcReport, Problem, VerifyReport
+from p2pmodel.lineage.store import LineageStore, ObjectCorrupt, ObjectMissing, RepositoryExists, RepositoryNotFound
 
 __all__ = [
     "ANY",

@@ -16,16 +16,66 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 from p2pmodel.lineage.objects import _HEX64, InvalidObject, LineageError, Version, check_object, parse_header
 
 if TYPE_CHECKING:
-    from p2pmodel.lineage.store import GcReport, LineageStore, VerifyReport
+    from p2pmodel.lineage.store import LineageStore
 
-__all__ = ["verify", "gc", "iter_object_files"]
+__all__ = ["verify", "gc", "iter_object_files", "Problem", "VerifyReport", "GcReport", "GcRefused"]
 
 _TMP_PREFIX = ".tmp-"
+
+
+class GcRefused(LineageError):
+    """gc stopped before deleting anything: it could not read what a reachable version needs."""
+
+    def __init__(self, cause: LineageError):
+        self.cause = cause
+        super().__init__(f"gc refused to run, the repository is damaged ({cause}); run verify")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing `verify` found wrong."""
+
+    oid: str  # the damaged object (or the version whose index entry is wrong)
+    kind: str  # "missing" | "corrupt" | "mismatch" (manifest disagrees with the blob) | "index" | "foreign"
+    versions: tuple[str, ...]  # indexed versions affected
+    detail: str
+
+    def __str__(self) -> str:
+        who = f" needed by {', '.join(v[:12] for v in self.versions)}" if self.versions else ""
+        return f"{self.kind}: {self.oid}{who}: {self.detail}"
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` checked and found; `ok` is True when nothing is damaged."""
+
+    objects_checked: int = 0
+    bytes_checked: int = 0
+    versions_checked: int = 0
+    unreferenced_objects: int = 0  # leftovers of interrupted writes or gc'able history; not a problem
+    stray_temp_files: int = 0  # leftovers of interrupted writes; not a problem
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class GcReport:
+    """What `gc` removed and kept."""
+
+    removed_objects: int = 0
+    bytes_freed: int = 0
+    removed_versions: int = 0  # indexed versions no ref reaches
+    removed_temp_files: int = 0
+    kept_objects: int = 0
 
 
 def iter_object_files(store: "LineageStore") -> Iterator[tuple[str, str]]:
@@ -42,10 +92,8 @@ def iter_object_files(store: "LineageStore") -> Iterator[tuple[str, str]]:
             yield folder.name + entry.name if not entry.name.startswith(_TMP_PREFIX) else entry.name, entry.path
 
 
-def verify(store: "LineageStore") -> "VerifyReport":
+def verify(store: "LineageStore") -> VerifyReport:
     """Check the whole repository; see the module docstring."""
-    from p2pmodel.lineage.store import Problem, VerifyReport
-
     report = VerifyReport()
     problems: dict[tuple[str, str], tuple[set[str], str]] = {}
 
@@ -132,8 +180,6 @@ def verify(store: "LineageStore") -> "VerifyReport":
 
 def _reachable(store: "LineageStore") -> tuple[set[str], set[str]]:
     """(reachable version ids, every object id they need, records included). Raises GcRefused."""
-    from p2pmodel.lineage.store import GcRefused
-
     versions: set[str] = set()
     for target in set(store.index.refs().values()):
         versions.update(info.id for info in store.index.ancestry(target))
@@ -147,14 +193,12 @@ def _reachable(store: "LineageStore") -> tuple[set[str], set[str]]:
     return versions, objects
 
 
-def gc(store: "LineageStore", grace_s: float = 0.0) -> "GcReport":
+def gc(store: "LineageStore", grace_s: float = 0.0) -> GcReport:
     """Remove what no ref reaches: index rows of unreachable versions, then their objects.
 
     Objects modified less than `grace_s` seconds ago are kept (for writers that stage
     objects before indexing them, e.g. a sync in progress in another process).
     """
-    from p2pmodel.lineage.store import GcReport
-
     report = GcReport()
     cutoff = time.time() - grace_s
     with store._lock(exclusive=True):

@@ -26,12 +26,12 @@ import tempfile
 import threading
 import time as _time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
 from p2pmodel.lineage.index import ANY, Index, VersionInfo
+from p2pmodel.lineage.maintenance import GcReport, VerifyReport, gc, verify
 from p2pmodel.lineage.objects import (
     _HEX64,
     Annotations,
@@ -65,10 +65,6 @@ __all__ = [
     "ObjectCorrupt",
     "RepositoryNotFound",
     "RepositoryExists",
-    "GcRefused",
-    "Problem",
-    "VerifyReport",
-    "GcReport",
 ]
 
 _TMP_PREFIX = ".tmp-"
@@ -107,51 +103,6 @@ class RepositoryExists(LineageError):
     def __init__(self, path: str):
         self.path = path
         super().__init__(f"a lineage repository already exists at {path}")
-
-
-class GcRefused(LineageError):
-    """gc stopped before deleting anything: it could not read what a reachable version needs."""
-
-    def __init__(self, cause: LineageError):
-        self.cause = cause
-        super().__init__(f"gc refused to run, the repository is damaged ({cause}); run verify")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing `verify` found wrong."""
-
-    oid: str  # the damaged object (or the version whose index entry is wrong)
-    kind: str  # "missing" | "corrupt" | "mismatch" (manifest disagrees with the blob) | "index" | "foreign"
-    versions: tuple[str, ...]  # indexed versions affected
-    detail: str
-
-    def __str__(self) -> str:
-        who = f" needed by {', '.join(v[:12] for v in self.versions)}" if self.versions else ""
-        return f"{self.kind}: {self.oid}{who}: {self.detail}"
-
-
-@dataclass
-class VerifyReport:
-    objects_checked: int = 0
-    bytes_checked: int = 0
-    versions_checked: int = 0
-    unreferenced_objects: int = 0  # leftovers of interrupted writes or gc'able history; not a problem
-    stray_temp_files: int = 0  # leftovers of interrupted writes; not a problem
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-@dataclass
-class GcReport:
-    removed_objects: int = 0
-    bytes_freed: int = 0
-    removed_versions: int = 0  # indexed versions no ref reaches
-    removed_temp_files: int = 0
-    kept_objects: int = 0
 
 
 class LineageStore:
@@ -602,11 +553,9 @@ class LineageStore:
 
     # --- maintenance --------------------------------------------------------------------
     def verify(self) -> VerifyReport:
-        from p2pmodel.lineage.maintenance import verify
-
+        """Check every object, record and index entry; see maintenance.verify."""
         return verify(self)
 
     def gc(self, grace_s: float = 0.0) -> GcReport:
-        from p2pmodel.lineage.maintenance import gc
-
+        """Remove what no ref reaches (objects younger than `grace_s` seconds are kept); see maintenance.gc."""
         return gc(self, grace_s)
