@@ -464,17 +464,37 @@ class _RoundView:
         self.by_hash: dict[str, Proposal] = {}
         self.proposed = False
         self.fetch_proposal_asked: set[str] = set()
-        self._order: list[str] | None = None  # proposer order, rebuilt when members change
+        self.keys: dict[str, bytes] = {}  # live member -> proposer rank key
+        self.slots: dict[str, int] = {}  # proposer -> rank, cached until members change
+        self.ahead_of_me = 0  # live members ranked before us (kept incrementally: asked every event)
+        self.my_key = b""
+
+    def add_member(self, peer_id: str) -> None:
+        self.members.add(peer_id)
+        self.keys[peer_id] = k = proposer_rank_key(self.round, peer_id)
+        self.ahead_of_me += k < self.my_key
+        self.slots.clear()
+
+    def depart(self, peer_id: str) -> None:
+        self.departed.add(peer_id)
+        k = self.keys.pop(peer_id, None)
+        if k is not None:
+            self.ahead_of_me -= k < self.my_key
+        self.slots.clear()
+
+    def rank(self, peer_id: str, me: str) -> int:
+        """How many live members rank before `peer_id` as proposer."""
+        if peer_id == me:
+            return self.ahead_of_me
+        r = self.slots.get(peer_id)
+        if r is None:
+            key = proposer_rank_key(self.round, peer_id)
+            r = self.slots[peer_id] = sum(1 for k in self.keys.values() if k < key)
+        return r
 
     def proposer_order(self) -> list[str]:
-        """Members not departed, best proposer rank first."""
-        if self._order is None:
-            live = [m for m in self.members if m not in self.departed]
-            self._order = sorted(live, key=lambda m: proposer_rank_key(self.round, m))
-        return self._order
-
-    def members_changed(self) -> None:
-        self._order = None
+        """Live members, best proposer rank first."""
+        return sorted(self.keys, key=self.keys.__getitem__)
 
 
 @dataclass
@@ -704,8 +724,7 @@ class RoundMachine:
             self._on_peer_announcement(msg, sender)
         elif isinstance(msg, Departure):
             if msg.peer_id in v.members or msg.peer_id in self.electorate:
-                v.departed.add(msg.peer_id)
-                v.members_changed()
+                v.depart(msg.peer_id)
         elif msg.base_version != v.base:  # DeltaAnnouncement, Proposal, Vote
             self._count("wrong_base")
         elif isinstance(msg, DeltaAnnouncement):
@@ -725,8 +744,7 @@ class RoundMachine:
         elif len(v.members) >= self.config.max_members:
             self._count("over_capacity")
         else:
-            v.members.add(msg.peer_id)
-            v.members_changed()
+            v.add_member(msg.peer_id)
 
     def _is_member(self, peer_id: str) -> bool:
         v = self._view
@@ -967,12 +985,7 @@ class RoundMachine:
         """When `proposer` may propose, by its rank among the members we know."""
         v = self._view
         assert v is not None
-        order = v.proposer_order()
-        try:
-            rank = order.index(proposer)
-        except ValueError:  # not announced (yet): ranked by where it would sort
-            key = proposer_rank_key(v.round, proposer)
-            rank = sum(1 for m in order if proposer_rank_key(v.round, m) < key)
+        rank = v.rank(proposer, self.peer.peer_id)
         return v.t0 + self.config.collect_window + rank * self.config.proposal_timeout
 
     def _rank_key(self, proposer: str) -> bytes:
@@ -1107,7 +1120,8 @@ class RoundMachine:
         self._view = v = _RoundView(round_, self.head_version, now)
         out.append(EnterRound(round_, v.base))
         out.append(Publish(self._announcement(round_, now)))
-        v.members.add(self.peer.peer_id)
+        v.my_key = proposer_rank_key(round_, self.peer.peer_id)
+        v.add_member(self.peer.peer_id)
         # Whatever happened to the last round, a delta it did not merge is carried, never dropped.
         self._keep_my_delta(out)
         if self._training is None:

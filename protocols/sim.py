@@ -215,6 +215,7 @@ class Simulation:
         self.rng = random.Random(config.seed)
         self.now = 0.0
         self._queue: list[tuple[float, int, int, str, Any]] = []
+        self._check_done = False  # set by a commit: only then can the run be over
         self._seq = 0
         faults = dict(config.faults)
         crashes = dict(config.crashes)
@@ -279,8 +280,9 @@ class Simulation:
                     if isinstance(payload, TrainingDone):
                         p.inflight = None
                     self._feed(p, dataclasses.replace(payload, now=t))
-            if kind != "tick" and self._done(target):
+            if self._check_done and self._done(target):
                 break
+            self._check_done = False
         return self._result()
 
     def _done(self, target: int) -> bool:
@@ -349,6 +351,7 @@ class Simulation:
             self._event_later(p, cfg.merge_time, MergeDone(0.0, a.proposal_hash, vid, {"eval_loss": 1.0}))
         elif isinstance(a, CommitVersion):
             p.commits[a.round] = a.version_id
+            self._check_done = True
             self.commit_times[p.idx][a.round] = self.now
             prop = self.proposals.get(a.proposal_hash)
             if p.fault is None and prop is not None and (self.latest is None or a.round > self.latest[0]):

@@ -1,0 +1,478 @@
+"""The round state machine, one peer at a time: its table, each phase's moves, and the rules
+that keep bad records out (wrong round or base, non-members, duplicates, equivocation).
+
+Every test drives a real `RoundMachine` with hand-built events and messages; other peers are
+simulated by constructing their signed-over messages directly."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+
+from p2pmodel.protocols import signing
+from p2pmodel.protocols.errors import LocalProtocolError
+from p2pmodel.protocols.messages import (
+    Commit,
+    DeltaAnnouncement,
+    PeerAnnouncement,
+    Proposal,
+    ProposalDelta,
+    Vote,
+    decode,
+    encode,
+    message_hash,
+)
+from p2pmodel.protocols.round import (
+    TRANSITIONS,
+    CommitVersion,
+    DeltaFetched,
+    EnterRound,
+    FetchDelta,
+    KeepDelta,
+    Merge,
+    MergeDone,
+    MessageReceived,
+    Phase,
+    Publish,
+    PublishCommit,
+    RoundConfig,
+    RoundFailed,
+    RoundMachine,
+    Start,
+    StartTraining,
+    Stop,
+    SyncVersion,
+    Tick,
+    TrainingDone,
+    VersionSynced,
+    proposer_rank_key,
+)
+from p2pmodel.protocols.sim import sim_peer_info
+
+R = 5  # the round every test runs (head committed in round 4)
+BASE = "ab" * 32
+CFG = RoundConfig(collect_window=30.0, proposal_timeout=5.0, round_deadline=90.0)
+PEERS = [sim_peer_info(i) for i in range(6)]
+IDS = [p.peer_id for p in PEERS]
+ELECTORATE = frozenset(IDS[:4])
+# Peers of round R, best proposer first.
+ORDER = sorted(IDS[:4], key=lambda p: proposer_rank_key(R, p))
+INFO = {p.peer_id: p for p in PEERS}
+
+
+def identity(pid: str) -> signing.PeerIdentity:
+    """The key sim_peer_info(i) derives its peer id from."""
+    i = IDS.index(pid)
+    return signing.PeerIdentity.from_seed(hashlib.sha256(f"sim-peer-{i}".encode()).digest())
+
+
+def open_plain(data: bytes):
+    vote = decode(data, Vote)
+    return vote, vote.voter
+
+
+def machine(peer_id: str = ORDER[0], electorate: frozenset[str] = ELECTORATE, **kw) -> RoundMachine:
+    m = RoundMachine(INFO[peer_id], CFG, open_vote=kw.pop("open_vote", open_plain))
+    m.process(Start(0.0, BASE, R - 1, electorate))
+    return m
+
+
+def announce(pid: str, round_: int = R, now: float = 1.0) -> MessageReceived:
+    p = INFO[pid]
+    msg = PeerAnnouncement(
+        peer_id=pid, public_key=p.public_key, libp2p_id=p.libp2p_id, addrs=p.addrs, capabilities={},
+        event_hash=p.event_hash, round=round_, time=now,
+    )  # fmt: skip
+    return MessageReceived(now, msg, pid)
+
+
+def delta_hash(pid: str) -> str:
+    return (pid + "0" * 24)[:64]
+
+
+def delta_ann(pid: str, base: str = BASE, round_: int = R, now: float = 2.0) -> MessageReceived:
+    msg = DeltaAnnouncement(
+        round=round_, base_version=base, peer_id=pid, delta_hash=delta_hash(pid), encoded_size=100, samples=10
+    )
+    return MessageReceived(now, msg, pid)
+
+
+def proposal(proposer: str, members=None, deltas=None, base: str = BASE) -> Proposal:
+    members = tuple(sorted(members or IDS[:4]))
+    deltas = deltas if deltas is not None else [ProposalDelta(p, delta_hash(p), 10.0) for p in members]
+    return Proposal(
+        round=R, base_version=base, proposer=proposer, members=members, deltas=tuple(deltas), time=30.0,
+        method="linear", params={},
+    )  # fmt: skip
+
+
+def vote(voter: str, prop: Proposal, version: str = "cd" * 32) -> Vote:
+    return Vote(
+        round=prop.round, base_version=prop.base_version, proposal_hash=message_hash(prop),
+        version_id=version, voter=voter, metrics={},
+    )  # fmt: skip
+
+
+def of(actions, kind):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def full_round_to_merge(m: RoundMachine, me: str, others=None):
+    """All four members announce and publish deltas; returns the machine past its fetches."""
+    for pid in others or [p for p in IDS[:4] if p != me]:
+        m.process(announce(pid))
+        for a in of(m.process(delta_ann(pid)), FetchDelta):
+            m.process(DeltaFetched(3.0, a.delta_hash, True))
+    m.process(TrainingDone(4.0, delta_hash(me), 10, 100))
+
+
+def reach_vote(m: RoundMachine, me: str, prop: Proposal, version: str = "cd" * 32):
+    """Feed `prop` (from a better rank) and finish its merge; returns the vote published."""
+    acts = m.process(MessageReceived(31.0, prop, prop.proposer))
+    merge = of(acts, Merge)
+    assert merge, acts
+    acts = m.process(MergeDone(32.0, merge[0].proposal_hash, version))
+    return of(acts, Publish)[0].message
+
+
+# ---- the table -------------------------------------------------------------------------
+
+
+def test_every_phase_has_a_row_and_every_target_is_a_phase():
+    assert set(TRANSITIONS) == set(Phase)
+    for row in TRANSITIONS.values():
+        assert all(isinstance(target, Phase) for target in row.values())
+
+
+def test_stopped_accepts_nothing():
+    assert TRANSITIONS[Phase.STOPPED] == {}
+
+
+@pytest.mark.parametrize(
+    "event",
+    [Tick(1.0), TrainingDone(1.0, "00" * 32, 1, 1), MergeDone(1.0, "00" * 32, "11" * 32), VersionSynced(1.0, "1" * 64, 1)],
+)
+def test_events_before_start_raise_and_leave_the_machine_idle(event):
+    m = RoundMachine(PEERS[0], CFG, open_vote=open_plain)
+    with pytest.raises(LocalProtocolError):
+        m.process(event)
+    assert m.phase is Phase.IDLE and m.round is None
+
+
+def test_version_synced_outside_syncing_raises_and_leaves_state_unchanged():
+    m = machine()
+    counters = dict(m.counters)
+    with pytest.raises(LocalProtocolError):
+        m.process(VersionSynced(1.0, "cd" * 32, R))
+    assert m.phase is Phase.COLLECTING and m.round == R and m.counters == counters
+
+
+def test_merge_result_that_was_never_asked_for_raises():
+    m = machine()
+    with pytest.raises(LocalProtocolError):
+        m.process(MergeDone(1.0, "ee" * 32, "cd" * 32))
+    assert m.phase is Phase.COLLECTING
+
+
+def test_fetch_result_that_was_never_asked_for_raises():
+    m = machine()
+    with pytest.raises(LocalProtocolError):
+        m.process(DeltaFetched(1.0, "ee" * 32, True))
+
+
+def test_second_training_done_without_a_training_raises():
+    m = machine()
+    m.process(TrainingDone(1.0, delta_hash(ORDER[0]), 10, 100))
+    with pytest.raises(LocalProtocolError):
+        m.process(TrainingDone(2.0, delta_hash(ORDER[0]), 10, 100))
+
+
+def test_events_after_stop_raise():
+    m = machine()
+    m.process(Stop(1.0))
+    with pytest.raises(LocalProtocolError):
+        m.process(Tick(2.0))
+    assert m.phase is Phase.STOPPED
+
+
+def test_start_needs_an_electorate():
+    m = RoundMachine(PEERS[0], CFG, open_vote=open_plain)
+    with pytest.raises(LocalProtocolError):
+        m.process(Start(0.0, BASE, None, frozenset()))
+    assert m.phase is Phase.IDLE
+
+
+# ---- entering, training, announcing -----------------------------------------------------
+
+
+def test_start_enters_the_round_after_the_head_announces_and_trains():
+    m = RoundMachine(PEERS[0], CFG, open_vote=open_plain)
+    acts = m.process(Start(0.0, BASE, R - 1, ELECTORATE))
+    assert of(acts, EnterRound) == [EnterRound(R, BASE)]
+    assert isinstance(of(acts, Publish)[0].message, PeerAnnouncement)
+    assert of(acts, StartTraining) == [StartTraining(R, BASE)]
+
+
+def test_seed_head_enters_round_zero():
+    m = RoundMachine(PEERS[0], CFG, open_vote=open_plain)
+    m.process(Start(0.0, BASE, None, ELECTORATE))
+    assert m.round == 0
+
+
+def test_training_done_announces_the_delta_on_the_round_base():
+    m = machine()
+    acts = m.process(TrainingDone(1.0, delta_hash(ORDER[0]), 10, 100))
+    (pub,) = of(acts, Publish)
+    assert pub.message == DeltaAnnouncement(
+        round=R, base_version=BASE, peer_id=ORDER[0], delta_hash=delta_hash(ORDER[0]), encoded_size=100, samples=10
+    )
+
+
+def test_announced_deltas_of_members_are_prefetched():
+    m = machine()
+    m.process(announce(ORDER[1]))
+    acts = m.process(delta_ann(ORDER[1]))
+    assert of(acts, FetchDelta) == [FetchDelta(ORDER[1], delta_hash(ORDER[1]))]
+
+
+# ---- dropped and counted ------------------------------------------------------------------
+
+
+def test_record_for_another_base_is_dropped_and_counted():
+    m = machine()
+    m.process(announce(ORDER[1]))
+    acts = m.process(delta_ann(ORDER[1], base="ef" * 32))
+    assert not of(acts, FetchDelta) and m.counters["wrong_base"] == 1
+
+
+def test_record_for_a_past_round_is_dropped_and_counted():
+    m = machine()
+    acts = m.process(delta_ann(ORDER[1], round_=R - 1))
+    assert not acts and m.counters["wrong_round"] == 1
+
+
+def test_record_from_a_non_member_is_dropped_and_counted():
+    m = machine()
+    acts = m.process(delta_ann(IDS[5]))  # not in the electorate, never announced
+    assert not of(acts, FetchDelta) and m.counters["non_member"] == 1
+
+
+def test_duplicate_announcement_is_counted_once():
+    m = machine()
+    m.process(announce(IDS[5]))
+    m.process(announce(IDS[5]))
+    assert m.counters["duplicate"] == 1
+
+
+def test_equivocating_voter_counts_for_no_one():
+    m = machine(ORDER[3])
+    full_round_to_merge(m, ORDER[3])
+    prop = proposal(ORDER[0])
+    m.process(MessageReceived(31.0, prop, ORDER[0]))
+    m.process(MessageReceived(31.0, vote(ORDER[1], prop), ORDER[1]))
+    m.process(MessageReceived(31.0, vote(ORDER[1], prop, "ef" * 32), ORDER[1]))
+    # ORDER[0] and ORDER[2] vote "cd..": with ORDER[1] excluded that is 2 of 4 < 3.
+    m.process(MessageReceived(31.0, vote(ORDER[0], prop), ORDER[0]))
+    acts = m.process(MessageReceived(31.0, vote(ORDER[2], prop), ORDER[2]))
+    assert m.counters["equivocation"] == 1
+    assert not of(acts, CommitVersion) and not of(acts, SyncVersion)
+
+
+# ---- proposing ----------------------------------------------------------------------------
+
+
+def test_best_ranked_member_proposes_at_the_collect_deadline_with_its_fetched_deltas():
+    m = machine(ORDER[0])
+    full_round_to_merge(m, ORDER[0])
+    assert not of(m.process(Tick(29.9)), Publish)
+    acts = m.process(Tick(30.0))
+    (prop,) = [a.message for a in of(acts, Publish) if isinstance(a.message, Proposal)]
+    assert prop.proposer == ORDER[0] and prop.members == tuple(sorted(IDS[:4]))
+    assert [d.peer_id for d in prop.deltas] == sorted(IDS[:4])
+    assert of(acts, Merge) and m.phase is Phase.MERGING
+
+
+def test_second_ranked_member_waits_one_proposal_timeout():
+    m = machine(ORDER[1])
+    full_round_to_merge(m, ORDER[1])
+    assert m.next_deadline() == pytest.approx(CFG.collect_window + CFG.proposal_timeout)
+    assert not [a for a in m.process(Tick(34.9)) if isinstance(a, Publish)]
+    acts = m.process(Tick(35.0))
+    assert any(isinstance(a.message, Proposal) for a in of(acts, Publish))
+
+
+def test_second_ranked_member_stays_quiet_when_the_best_proposed():
+    m = machine(ORDER[1])
+    full_round_to_merge(m, ORDER[1])
+    m.process(MessageReceived(30.5, proposal(ORDER[0]), ORDER[0]))
+    acts = m.process(Tick(35.0))
+    assert not any(isinstance(a.message, Proposal) for a in of(acts, Publish))
+
+
+def test_proposal_contradicting_an_announcement_is_bogus_and_the_next_rank_takes_over():
+    m = machine(ORDER[1])
+    full_round_to_merge(m, ORDER[1])
+    members = tuple(sorted(IDS[:4]))
+    # ORDER[2] announced delta_hash(ORDER[2]); the proposal lists another hash in its name.
+    deltas = [ProposalDelta(p, delta_hash(p) if p != ORDER[2] else "99" * 32, 10.0) for p in members]
+    prop = proposal(ORDER[0], deltas=deltas)
+    m.process(MessageReceived(30.5, prop, ORDER[0]))
+    assert m.counters["bogus_proposal"] == 1
+    acts = m.process(Tick(35.0))
+    assert any(isinstance(a.message, Proposal) and a.message.proposer == ORDER[1] for a in of(acts, Publish))
+
+
+def test_proposal_whose_delta_cannot_be_fetched_is_abandoned():
+    m = machine(ORDER[1])
+    for pid in (ORDER[0], ORDER[2], ORDER[3]):
+        m.process(announce(pid))
+    m.process(TrainingDone(4.0, delta_hash(ORDER[1]), 10, 100))
+    prop = proposal(ORDER[0], deltas=[ProposalDelta(ORDER[2], "77" * 32, 10.0)])
+    acts = m.process(MessageReceived(30.5, prop, ORDER[0]))
+    assert of(acts, FetchDelta) == [FetchDelta(ORDER[2], "77" * 32)] and m.phase is Phase.MERGING
+    acts = m.process(DeltaFetched(31.0, "77" * 32, False))
+    assert m.counters["unfetchable_proposal"] == 1 and m.phase is Phase.COLLECTING
+
+
+# ---- voting and committing ----------------------------------------------------------------
+
+
+def test_merge_done_publishes_one_vote():
+    m = machine(ORDER[3])
+    full_round_to_merge(m, ORDER[3])
+    v = reach_vote(m, ORDER[3], proposal(ORDER[0]))
+    assert isinstance(v, Vote) and v.voter == ORDER[3] and v.round == R and m.phase is Phase.VOTED
+
+
+def test_double_quorum_commits_our_own_result():
+    m = machine(ORDER[3])
+    full_round_to_merge(m, ORDER[3])
+    prop = proposal(ORDER[0])
+    reach_vote(m, ORDER[3], prop)
+    m.process(MessageReceived(33.0, vote(ORDER[0], prop), ORDER[0]))
+    acts = m.process(MessageReceived(33.0, vote(ORDER[1], prop), ORDER[1]))
+    (c,) = of(acts, CommitVersion)
+    assert (c.round, c.version_id, len(c.votes)) == (R, "cd" * 32, 3)
+    assert m.round == R + 1 and m.head_version == "cd" * 32 and m.electorate == frozenset(prop.members)
+
+
+def test_a_merged_delta_is_not_kept():
+    m = machine(ORDER[3])
+    full_round_to_merge(m, ORDER[3])
+    prop = proposal(ORDER[0])
+    reach_vote(m, ORDER[3], prop)
+    m.process(MessageReceived(33.0, vote(ORDER[0], prop), ORDER[0]))
+    acts = m.process(MessageReceived(33.0, vote(ORDER[1], prop), ORDER[1]))
+    assert not of(acts, KeepDelta)
+
+
+def test_an_unmerged_delta_is_kept_when_the_round_commits_without_it():
+    m = machine(ORDER[3])
+    full_round_to_merge(m, ORDER[3])
+    prop = proposal(ORDER[0], deltas=[ProposalDelta(ORDER[0], delta_hash(ORDER[0]), 10.0)])
+    reach_vote(m, ORDER[3], prop)
+    m.process(MessageReceived(33.0, vote(ORDER[0], prop), ORDER[0]))
+    acts = m.process(MessageReceived(33.0, vote(ORDER[1], prop), ORDER[1]))
+    assert of(acts, KeepDelta) == [KeepDelta(delta_hash(ORDER[3]), R, BASE)]
+
+
+def test_the_proposer_publishes_the_commit():
+    m = machine(ORDER[0])
+    full_round_to_merge(m, ORDER[0])
+    acts = m.process(Tick(30.0))
+    (merge,) = of(acts, Merge)
+    m.process(MergeDone(31.0, merge.proposal_hash, "cd" * 32))
+    prop = merge.proposal
+    m.process(MessageReceived(33.0, vote(ORDER[1], prop), ORDER[1]))
+    acts = m.process(MessageReceived(33.0, vote(ORDER[2], prop), ORDER[2]))
+    assert of(acts, PublishCommit) and of(acts, CommitVersion)
+
+
+def test_quorum_of_a_small_member_list_alone_does_not_commit():
+    # A proposal naming only 2 members: 2 of 2 sign, but only 2 of the electorate's 4 (< 3).
+    m = machine(ORDER[3])
+    full_round_to_merge(m, ORDER[3])
+    small = proposal(ORDER[0], members=[ORDER[0], ORDER[1]], deltas=[])
+    m.process(MessageReceived(31.0, small, ORDER[0]))
+    m.process(MessageReceived(33.0, vote(ORDER[0], small), ORDER[0]))
+    acts = m.process(MessageReceived(33.0, vote(ORDER[1], small), ORDER[1]))
+    assert not of(acts, CommitVersion) and not of(acts, SyncVersion) and m.round == R
+
+
+def test_peer_whose_result_differs_syncs_the_committed_version():
+    m = machine(ORDER[3])
+    full_round_to_merge(m, ORDER[3])
+    prop = proposal(ORDER[0])
+    reach_vote(m, ORDER[3], prop, version="ee" * 32)  # our merge disagrees
+    for pid in ORDER[:3]:
+        acts = m.process(MessageReceived(33.0, vote(pid, prop), pid))
+    (s,) = of(acts, SyncVersion)
+    assert s.version_id == "cd" * 32 and set(s.from_peers) == set(ORDER[:3]) and m.phase is Phase.SYNCING
+    acts = m.process(VersionSynced(40.0, "cd" * 32, R))
+    assert of(acts, CommitVersion)[0].version_id == "cd" * 32 and m.round == R + 1
+
+
+def test_failed_round_keeps_the_head_keeps_the_delta_and_enters_the_next_round():
+    m = machine(ORDER[2])
+    m.process(TrainingDone(4.0, delta_hash(ORDER[2]), 10, 100))
+    acts = m.process(Tick(CFG.round_deadline))
+    assert of(acts, RoundFailed) == [RoundFailed(R, "deadline")]
+    assert of(acts, KeepDelta) == [KeepDelta(delta_hash(ORDER[2]), R, BASE)]
+    assert of(acts, StartTraining) == [StartTraining(R + 1, BASE)]
+    assert m.round == R + 1 and m.head_version == BASE
+
+
+def test_stale_training_result_after_a_commit_is_kept_and_training_restarts():
+    m = machine(ORDER[3])
+    for pid in ORDER[:3]:
+        m.process(announce(pid))
+    prop = proposal(ORDER[0], deltas=[])
+    m.process(MessageReceived(31.0, prop, ORDER[0]))
+    for pid in ORDER[:3]:  # the round commits while our training is still running
+        acts = m.process(MessageReceived(33.0, vote(pid, prop), pid))
+    assert of(acts, SyncVersion)
+    acts = m.process(VersionSynced(34.0, "cd" * 32, R))
+    assert m.round == R + 1 and not of(acts, StartTraining)
+    acts = m.process(TrainingDone(40.0, delta_hash(ORDER[3]), 10, 100))
+    assert of(acts, KeepDelta) == [KeepDelta(delta_hash(ORDER[3]), R, BASE)]
+    assert of(acts, StartTraining) == [StartTraining(R + 1, "cd" * 32)]
+
+
+def test_commit_for_a_later_round_signed_by_a_weak_quorum_of_our_electorate_is_synced():
+    m = machine(ORDER[3], open_vote=lambda d: signing.open_signed(d, Vote))
+    later = proposal(ORDER[0], base="ef" * 32)
+    later = dataclasses.replace(later, round=R + 2)
+    cert = tuple(signing.sign(vote(pid, later), identity(pid)) for pid in ORDER[:2])  # 2 = 4 - ceil(8/3) + 1
+    commit = Commit(round=R + 2, version_record=b"rec", certificate=cert)
+    acts = m.process(MessageReceived(10.0, commit, ORDER[0]))
+    assert of(acts, SyncVersion)[0].round == R + 2 and m.phase is Phase.SYNCING
+
+
+def test_commit_certificate_with_a_forged_vote_is_not_counted():
+    m = machine(ORDER[3], open_vote=lambda d: signing.open_signed(d, Vote))
+    later = dataclasses.replace(proposal(ORDER[0], base="ef" * 32), round=R + 2)
+    stranger = identity(IDS[5])
+    # A vote naming ORDER[0] but signed by a stranger, and one not signed at all.
+    impersonated = signing._pack_envelope(stranger.public_key, encode(vote(ORDER[0], later)), b"\0" * 64)
+    cert = (impersonated, encode(vote(ORDER[1], later)))
+    commit = Commit(round=R + 2, version_record=b"rec", certificate=cert)
+    acts = m.process(MessageReceived(10.0, commit, ORDER[0]))
+    assert not of(acts, SyncVersion) and m.phase is Phase.COLLECTING
+    assert m.counters["bad_certificate_vote"] == 2 and m.counters["bad_commit"] == 1
+
+
+def test_weak_quorum_of_the_electorate_in_a_later_round_makes_us_jump():
+    m = machine(ORDER[3])
+    m.process(announce(ORDER[0], round_=R + 3, now=5.0))
+    acts = m.process(announce(ORDER[1], round_=R + 3, now=5.0))
+    assert of(acts, RoundFailed) == [RoundFailed(R, "skipped")] and m.round == R + 3
+
+
+def test_next_deadline_is_never_in_the_past():
+    m = machine(ORDER[1])
+    full_round_to_merge(m, ORDER[1])
+    m.process(MessageReceived(30.5, proposal(ORDER[0]), ORDER[0]))
+    m.process(Tick(36.0))
+    assert m.next_deadline() > 36.0
