@@ -394,8 +394,10 @@ Action = Union[
 
 _SEEN = {
     Tick: None, TrainingDone: None, MessageReceived: None, DeltaFetched: None,
-    MergeDone: None, MergeFailed: None,
+    MergeDone: None, MergeFailed: None, VersionSynced: None, SyncFailed: None,
 }  # fmt: skip
+# Results (fetch, merge, sync) may come back after the machine stopped waiting for them: the
+# daemon cannot cancel them in time. They are legal wherever they can race, and counted as stale.
 
 
 def _row(phase: Phase, moves: dict[type, Phase]) -> dict[type, Phase]:
@@ -548,6 +550,7 @@ class RoundMachine:
         self._proposal_cache: dict[str, tuple[int, Proposal]] = {}
         self._fetch_asked: set[str] = set()  # every delta hash ever asked for
         self._merge_asked: set[str] = set()  # every proposal hash ever asked to merge
+        self._sync_asked: set[str] = set()  # every version id ever asked to sync
         self.counters: dict[str, int] = {k: 0 for k in _COUNTERS}
         self._now = float("-inf")  # latest event time: next_deadline only returns later times
 
@@ -601,8 +604,8 @@ class RoundMachine:
             raise LocalProtocolError(f"DeltaFetched for {event.delta_hash[:12]} that was never asked for")
         if isinstance(event, (MergeDone, MergeFailed)) and event.proposal_hash not in self._merge_asked:
             raise LocalProtocolError(f"{type(event).__name__} for proposal {event.proposal_hash[:12]} never merged")
-        if isinstance(event, (VersionSynced, SyncFailed)) and (self._sync is None or self._sync.have_version):
-            raise LocalProtocolError(f"{type(event).__name__} but no sync is outstanding")
+        if isinstance(event, (VersionSynced, SyncFailed)) and event.version_id not in self._sync_asked:
+            raise LocalProtocolError(f"{type(event).__name__} for {event.version_id[:12]} that was never asked for")
 
     def _move(self, trigger: type) -> None:
         try:
@@ -685,8 +688,7 @@ class RoundMachine:
 
     def _on_VersionSynced(self, ev: VersionSynced, out: list[Action]) -> None:
         s = self._sync
-        assert s is not None
-        if ev.version_id != s.version_id:
+        if s is None or ev.version_id != s.version_id or s.have_version:
             self._count("stale_results")
             return
         s.have_version = True
@@ -694,10 +696,11 @@ class RoundMachine:
 
     def _on_SyncFailed(self, ev: SyncFailed, out: list[Action]) -> None:
         s = self._sync
-        assert s is not None
         self._move(SyncFailed)
-        if ev.version_id == s.version_id:
-            out.append(SyncVersion(s.version_id, s.round, tuple(sorted({x.voter for x in s.votes}))))
+        if s is None or ev.version_id != s.version_id or s.have_version:
+            self._count("stale_results")
+            return
+        out.append(SyncVersion(s.version_id, s.round, tuple(sorted({x.voter for x in s.votes}))))
 
     def _on_MessageReceived(self, ev: MessageReceived, out: list[Action]) -> None:
         msg, sender = ev.message, ev.sender
@@ -923,6 +926,7 @@ class RoundMachine:
         prop = self._proposal_by_hash(ph)
         self._sync = _SyncTarget(round_, vid, ph, base, votes, have, frozenset(prop.members) if prop else None)
         if not have:
+            self._sync_asked.add(vid)
             out.append(SyncVersion(vid, round_, tuple(sorted({x.voter for x in votes}))))
         if prop is None and ph not in v.fetch_proposal_asked:
             v.fetch_proposal_asked.add(ph)

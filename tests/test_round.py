@@ -161,7 +161,7 @@ def test_events_before_start_raise_and_leave_the_machine_idle(event):
     assert m.phase is Phase.IDLE and m.round is None
 
 
-def test_version_synced_outside_syncing_raises_and_leaves_state_unchanged():
+def test_version_synced_that_was_never_asked_for_raises_and_leaves_state_unchanged():
     m = machine()
     counters = dict(m.counters)
     with pytest.raises(LocalProtocolError):
