@@ -201,6 +201,14 @@ def test_ties_takes_one_density_per_model(base, models):
     close(out, ref_gta(base, ds, [1, 1, 1], consensus="sum", normalize=True))
 
 
+def test_ties_trim_breaks_equal_magnitudes_by_position(base):
+    # many equal |delta|: mergekit's top-k by a stable sort keeps the first ones in index order
+    models = [base + torch.randint(-2, 3, SHAPE, generator=torch.Generator().manual_seed(i)).float() for i in (1, 2)]
+    ds = [ref_keep_top(m - base, 0.3) for m in models]
+    out = merge_tensor("ties", models, base, density=0.3)
+    close(out, ref_gta(base, ds, [1, 1], consensus="sum", normalize=True))
+
+
 def test_ties_count_consensus_elects_by_number_of_signs(base, models):
     ds = [ref_keep_top(m - base, 0.5) for m in models]
     out = merge_tensor("ties", models, base, weights=[3, 1, 1], density=0.5, consensus="count")

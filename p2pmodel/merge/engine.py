@@ -161,7 +161,8 @@ def _float_names(plan: _Plan) -> list[str]:
 
 
 def _model_thresholds(plan: _Plan, base: CheckpointReader, readers: list[CheckpointReader],
-                      density: list[float], count_read: Callable[[int], None]) -> list[float]:
+                      density: list[float], count_read: Callable[[int], None],
+                      release_maps: Callable[[], None]) -> list[float]:
     """For each model, the magnitude of the `int(density * numel)`-th largest entry of its
     task vector over the whole model (exact, by two histogram passes; see module doc)."""
     n = len(readers)
@@ -175,7 +176,10 @@ def _model_thresholds(plan: _Plan, base: CheckpointReader, readers: list[Checkpo
                 x = _get(readers[i], name)
                 count_read(x.numel() * x.element_size())
                 d = (x.to(b.dtype) - b).abs().float().reshape(-1)
+                del x
                 yield i, d.view(torch.int32)  # non-negative floats order like their bit patterns
+            del b
+            release_maps()
 
     hi = torch.zeros(n, 1 << 15, dtype=torch.int64)
     total = [0] * n
@@ -278,6 +282,14 @@ def merge_checkpoints(
         plan.present = {k: [0] + [i + 1 for i in v] for k, v in plan.present.items()}
 
     bytes_read = 0
+    all_readers = [*readers, *([base_reader] if base_reader else [])]
+
+    def release_maps() -> None:
+        # safetensors maps whole files; every page a merge touched stays resident (and counts
+        # in RSS) while the file is mapped. Closing the handles after each tensor unmaps them,
+        # so memory stays at one tensor per input; reopening costs one header parse.
+        for r in all_readers:
+            r.close()
 
     def count_read(nb: int) -> None:
         nonlocal bytes_read
@@ -287,7 +299,7 @@ def merge_checkpoints(
     transform_for: Callable[[str, list[int]], Callable[[torch.Tensor], torch.Tensor] | None] = lambda name, idx: None
     if m.name == "ties" and kwargs["scope"] == "model" and any(p < 1 for p in kwargs["density"]):
         assert base_reader is not None  # ties requires a base
-        thresholds = _model_thresholds(plan, base_reader, readers, kwargs["density"], count_read)
+        thresholds = _model_thresholds(plan, base_reader, readers, kwargs["density"], count_read, release_maps)
         kwargs = {**kwargs, "density": [1.0] * len(readers)}  # trimmed by threshold instead
 
         def transform_for(name: str, idx: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -321,6 +333,8 @@ def merge_checkpoints(
                 continue
             merged = merge_one(m, _subset(m, kwargs, idx, len(readers)), xs, b, seed=seed, name=name,
                                transform=transform_for(name, idx))
+            del xs, b
+            release_maps()
             n_merged += 1
             yield name, merged
 
@@ -350,8 +364,7 @@ def merge_checkpoints(
     except _CheckpointOutputExists:
         raise OutputExists(str(out)) from None  # created by someone else meanwhile
     finally:
-        for r in [*readers, *([base_reader] if base_reader else [])]:
-            r.close()
+        release_maps()
     return MergeReport(
         method=m.name,
         params=provenance["params"],
