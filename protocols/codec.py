@@ -64,7 +64,6 @@ __all__ = [
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-
 @dataclass(frozen=True)
 class CodecConfig:
     """How a sender compresses its delta (a receiver needs none of this: the payload says)."""
@@ -79,10 +78,10 @@ class CodecConfig:
     max_decoded_bytes: int = 1 << 34  # bytes: `DeltaCodec.decode` refuses payloads that decode to more
 
     def __post_init__(self) -> None:
-        checks = [
+        checks = [  # (field, valid, what a valid value is)
             ("encoder", self.encoder in ENCODERS, f"must be one of {ENCODERS}"),
-            ("block_size", _is_int(self.block_size) and 0 <= self.block_size <= MAX_BLOCK, f"must be in [0, {MAX_BLOCK}]"),
-            ("density", isinstance(self.density, float | int) and 0 < self.density <= 1, "must be in (0, 1]"),
+            ("block_size", _is_int(self.block_size) and 0 <= self.block_size <= MAX_BLOCK, f"must be 0..{MAX_BLOCK}"),
+            ("density", type(self.density) in (float, int) and 0 < self.density <= 1, "must be in (0, 1]"),
             ("topk_scope", self.topk_scope in ("tensor", "global"), "must be 'tensor' or 'global'"),
             ("value_bits", self.value_bits in (4, 8), "must be 4 or 8"),
             ("dense_below", _is_int(self.dense_below) and self.dense_below >= 0, "must be >= 0"),
@@ -148,7 +147,7 @@ class DeltaCodec:
             if name in chosen:
                 enc, params, raws = _encode_topk(x, chosen[name], cfg, max_scale)
             elif cfg.encoder in ("fp16", "bf16"):
-                enc, params, raws = _encode_half(x, cfg.encoder)
+                enc, params, raws = _encode_half(x, cfg.encoder, dtype)
             else:  # "int8", and top-k's small tensors
                 scales, codes = quant.quantize_blockwise(x, cfg.block_size, 8, max_scale)
                 enc, params, raws = "int8", {"block": cfg.block_size}, [scales.tobytes(), codes.tobytes()]
@@ -212,7 +211,8 @@ class ErrorFeedback:
             kept = self._residual.get(name)
             if kept is not None:
                 if kept.shape != x.shape:
-                    raise UnsupportedDelta(name, f"shape {tuple(x.shape)} differs from its residual's {tuple(kept.shape)}")
+                    shapes = f"{tuple(x.shape)} instead of its residual's {tuple(kept.shape)}"
+                    raise UnsupportedDelta(name, f"shape {shapes}")
                 x = x + kept
             corrected[name] = x
         data = self.codec._encode({name: (dtypes[name], x) for name, x in corrected.items()})
@@ -287,14 +287,18 @@ def _flat_float32(name: str, t: torch.Tensor) -> np.ndarray:
     return x.numpy()
 
 
-def _encode_half(x: np.ndarray, kind: str) -> tuple[str, dict, list[bytes]]:
-    limit = 65504.0 if kind == "fp16" else 3.3895314e38
+def _encode_half(x: np.ndarray, kind: str, dtype: str) -> tuple[str, dict, list[bytes]]:
+    # The largest value of the format that stays finite once decoded to dtype: bf16 rounds
+    # 65504 (F16's max) up to 65536, so an F16 delta through bf16 saturates at 65280.
+    limit = 65504.0 if kind == "fp16" else 65280.0 if dtype == "F16" else 3.3895314e38
     if x.size and max(float(x.max()), -float(x.min())) > limit:
         x = np.clip(x, -limit, limit)  # out-of-range values saturate; error feedback keeps the rest
     return kind, {}, [quant.to_half_bytes(x, kind)]
 
 
-def _encode_topk(x: np.ndarray, idx: np.ndarray, cfg: CodecConfig, max_scale: float) -> tuple[str, dict, list[bytes]]:
+def _encode_topk(
+    x: np.ndarray, idx: np.ndarray, cfg: CodecConfig, max_scale: float
+) -> tuple[str, dict, list[bytes]]:
     scales, codes = quant.quantize_blockwise(x[idx], cfg.block_size, cfg.value_bits, max_scale)
     values = codes.tobytes() if cfg.value_bits == 8 else quant.pack_int4(codes)
     index, index_bytes = sparse.encode_indices(idx, x.size)

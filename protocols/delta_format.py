@@ -117,7 +117,8 @@ def check_payload(data: bytes, manifest: Mapping[str, Any], max_bytes: int) -> l
         raise MalformedDelta("payload", f"not msgpack: {type(exc).__name__}: {exc}") from None
     _keys(envelope, "payload", {"format", "tensors"})
     if envelope["format"] != FORMAT_VERSION or not _is_int(envelope["format"]):
-        raise MalformedDelta("format", f"version {envelope['format']!r} is not supported (this build reads {FORMAT_VERSION})")
+        version = f"{envelope['format']!r:.40}"
+        raise MalformedDelta("format", f"version {version} is not supported (this build reads {FORMAT_VERSION})")
     tensors = envelope["tensors"]
     if not isinstance(tensors, list):
         raise MalformedDelta("tensors", "not a list")
@@ -190,7 +191,9 @@ def _check_entry(where: str, e: object, manifest: Mapping[str, Any]) -> CheckedE
     sections = e["sections"]
     if not isinstance(sections, list) or len(sections) != len(sizes):
         raise MalformedDelta(f"{where}.sections", f"expected a list of {len(sizes)} sections")
-    checked = [_check_section(f"{where}.sections[{j}]", s, lo, hi) for j, (s, (lo, hi)) in enumerate(zip(sections, sizes))]
+    checked = [
+        _check_section(f"{where}.sections[{j}]", s, lo, hi) for j, (s, (lo, hi)) in enumerate(zip(sections, sizes))
+    ]
     return CheckedEntry(where, name, dtype, shape, numel, enc, params, checked)
 
 
@@ -244,7 +247,8 @@ def _inflate(s: Section) -> bytes:
         frame = zstandard.get_frame_parameters(s.data)
         if frame.content_size != s.raw_len or frame.dict_id != 0:
             raise MalformedDelta(s.where, f"zstd frame declares {frame.content_size} bytes, section {s.raw_len}")
-        reader = zstandard.ZstdDecompressor(max_window_size=_ZSTD_WINDOW).stream_reader(s.data, read_across_frames=False)
+        dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_WINDOW)
+        reader = dctx.stream_reader(s.data, read_across_frames=False)
         out = bytearray()
         while len(out) <= s.raw_len:
             chunk = reader.read(s.raw_len + 1 - len(out))

@@ -92,7 +92,8 @@ def quantize_blockwise(x: np.ndarray, block: int, bits: int, max_scale: float) -
     np.divide(np.float32(1.0), scales, out=inv, where=scales > 0)  # a zero block stays all-zero codes
     q = np.empty(n, np.float32)
     if full:
-        np.multiply(x[: full * block].reshape(full, block), inv[:full, None], out=q[: full * block].reshape(full, block))
+        body = slice(0, full * block)
+        np.multiply(x[body].reshape(full, block), inv[:full, None], out=q[body].reshape(full, block))
     if tail:
         np.multiply(x[full * block :], inv[full], out=q[full * block :])
     np.rint(q, out=q)
@@ -100,7 +101,9 @@ def quantize_blockwise(x: np.ndarray, block: int, bits: int, max_scale: float) -
     return scales, q.astype(np.int8)
 
 
-def dequantize_blockwise(scales: np.ndarray, codes: np.ndarray, block: int, out: np.ndarray | None = None) -> np.ndarray:
+def dequantize_blockwise(
+    scales: np.ndarray, codes: np.ndarray, block: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """float32 `codes[i] * scales[i // block]` (block 0: one scale), written into `out` if given."""
     n = codes.size
     block = n if block == 0 else block
@@ -111,7 +114,8 @@ def dequantize_blockwise(scales: np.ndarray, codes: np.ndarray, block: int, out:
     full, tail = _blocks(n, block)
     if full:
         # int8 * float32 -> float32: the int8 -> float32 cast is exact, the multiply is IEEE.
-        np.multiply(codes[: full * block].reshape(full, block), scales[:full, None], out=out[: full * block].reshape(full, block))
+        body = slice(0, full * block)
+        np.multiply(codes[body].reshape(full, block), scales[:full, None], out=out[body].reshape(full, block))
     if tail:
         np.multiply(codes[full * block :], scales[full], out=out[full * block :])
     return out

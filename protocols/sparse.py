@@ -7,12 +7,12 @@
   compare), and selects exactly among those. Ties at the threshold go to the lowest
   (array, index), so the selection is a pure function of the input.
 - Index sets travel as sorted gaps in LEB128 varints, or as a bitmap where that is
-  smaller (density above about 1/8): `encode_indices` picks per tensor. Both are coded and decoded with whole-array numpy
-  operations: the loops below run over byte positions (at most `MAX_VARINT_BYTES`), never
-  over elements.
+  smaller (density above about 1/8): `encode_indices` picks per tensor. Both are coded
+  and decoded with whole-array numpy operations: the loops below run over byte positions
+  (at most `MAX_VARINT_BYTES`), never over elements.
 
 The decoders here check the content (varint bounds, ranges, counts) and raise
-`MalformedDelta`; the sizes they get were validated by `codec.py` first.
+`MalformedDelta`; the sizes they get were validated by `delta_format.py` first.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 MAX_VARINT_BYTES = 7  # 49 bits: every gap is < numel, and the codec caps numel below 2**48
-_SAMPLE = 1 << 16  # entries sampled to estimate the top-k threshold
+_SAMPLE = 1 << 16  # at most this many entries (1/64 of them) sampled to estimate the threshold
 _EXACT_BELOW = 1 << 18  # fewer entries than this: select exactly, no sampling
 
 
@@ -74,12 +74,13 @@ def topk_indices(magnitudes: Sequence[np.ndarray], k: int, seed: int = 0) -> lis
 
 
 def _sample(magnitudes: Sequence[np.ndarray], sizes: list[int], total: int, seed: int) -> np.ndarray:
-    """A stratified random sample of the concatenation: one uniform pick in each of `_SAMPLE`
-    equal strata. Random rather than strided, since a stride can align with a matrix's rows
+    """A stratified random sample of the concatenation: one uniform pick in each of up to
+    `_SAMPLE` equal strata. Random rather than strided, since a stride can align with a matrix's rows
     and see one column only; stratified, so the positions come out sorted without a sort."""
-    width = total // _SAMPLE  # >= 4, as total >= _EXACT_BELOW
-    positions = np.arange(_SAMPLE, dtype=np.int64) * width
-    positions += np.random.default_rng(seed).integers(0, width, _SAMPLE)
+    m = min(_SAMPLE, total // 64)  # >= 4096, as total >= _EXACT_BELOW
+    width = total // m
+    positions = np.arange(m, dtype=np.int64) * width
+    positions += np.random.default_rng(seed).integers(0, width, m)
     bounds = np.cumsum([0, *sizes])
     parts = []
     for i, a in enumerate(magnitudes):

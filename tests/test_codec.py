@@ -100,6 +100,11 @@ def test_fp16_saturates_values_beyond_its_range():
     assert _roundtrip(CodecConfig(encoder="fp16"), {"x": x})["x"].tolist() == [65504.0, -65504.0, 1.0]
 
 
+def test_bf16_encoding_of_an_f16_delta_saturates_within_f16():
+    x = torch.tensor([65504.0, -65504.0, 1.0], dtype=torch.float16)
+    assert _roundtrip(CodecConfig(encoder="bf16"), {"x": x})["x"].tolist() == [65280.0, -65280.0, 1.0]
+
+
 @pytest.mark.parametrize("block", [1, 64, 100, 0])
 def test_int8_error_is_at_most_half_a_step_of_its_block(block):
     x = _deltas()["w"].reshape(-1)
@@ -166,7 +171,8 @@ def test_topk_with_massive_ties_keeps_the_lowest_indices():
 
 
 def test_small_tensors_are_sent_dense_under_topk():
-    data = DeltaCodec(CodecConfig(dense_below=100)).encode_without_feedback({"b": torch.randn(99), "w": torch.randn(100)})
+    codec = DeltaCodec(CodecConfig(dense_below=100))
+    data = codec.encode_without_feedback({"b": torch.randn(99), "w": torch.randn(100)})
     assert [e["enc"] for e in _entries(data)] == ["int8", "topk"]
 
 
@@ -309,7 +315,15 @@ def test_encoding_refuses_non_finite_or_non_float_tensors(bad):
     "field", ["encoder", "block_size", "density", "topk_scope", "value_bits", "dense_below", "zstd_level"]
 )
 def test_config_refuses_out_of_range_fields(field):
-    bad = {"encoder": "lz4", "block_size": -1, "density": 0.0, "topk_scope": "row", "value_bits": 2, "dense_below": -1, "zstd_level": 22}
+    bad = {
+        "encoder": "lz4",
+        "block_size": -1,
+        "density": 0.0,
+        "topk_scope": "row",
+        "value_bits": 2,
+        "dense_below": -1,
+        "zstd_level": 22,
+    }
     with pytest.raises(InvalidCodecConfig) as e:
         CodecConfig(**{field: bad[field]})
     assert e.value.field == field
