@@ -466,6 +466,7 @@ class _RoundView:
         self.by_hash: dict[str, Proposal] = {}
         self.proposed = False
         self.fetch_proposal_asked: set[str] = set()
+        self.helped = False  # republished our last Commit for a laggard this round
         self.keys: dict[str, bytes] = {}  # live member -> proposer rank key
         self.slots: dict[str, int] = {}  # proposer -> rank, cached until members change
         self.ahead_of_me = 0  # live members ranked before us (kept incrementally: asked every event)
@@ -551,6 +552,7 @@ class RoundMachine:
         self._fetch_asked: set[str] = set()  # every delta hash ever asked for
         self._merge_asked: set[str] = set()  # every proposal hash ever asked to merge
         self._sync_asked: set[str] = set()  # every version id ever asked to sync
+        self._last_commit: tuple[str, int, str, tuple[Vote, ...]] | None = None  # (base, round, id, votes)
         self.counters: dict[str, int] = {k: 0 for k in _COUNTERS}
         self._now = float("-inf")  # latest event time: next_deadline only returns later times
 
@@ -719,6 +721,7 @@ class RoundMachine:
             return
         if r < v.round or (r == v.round and self.phase is Phase.SYNCING):
             self._count("wrong_round")
+            self._help_laggard(msg, out)
             return
         if r > v.round:
             self._buffer_future(msg, sender, ev.now, out)
@@ -730,12 +733,30 @@ class RoundMachine:
                 v.depart(msg.peer_id)
         elif msg.base_version != v.base:  # DeltaAnnouncement, Proposal, Vote
             self._count("wrong_base")
+            self._help_laggard(msg, out)
         elif isinstance(msg, DeltaAnnouncement):
             self._on_delta_announcement(msg, sender, out)
         elif isinstance(msg, Proposal):
             self._on_proposal(msg, sender)
         else:
             self._on_vote(msg, sender)
+
+    def _help_laggard(self, msg: Message, out: list[Action]) -> None:
+        """A member still builds on the head our last commit replaced: it missed that Commit.
+
+        Publish it again (once per round). Only a few peers publish each Commit, and a reader
+        can miss them all; without this a group that missed one commit never catches up.
+        """
+        v = self._view
+        assert v is not None
+        prev = self._last_commit
+        if prev is None or v.helped or getattr(msg, "base_version", None) != prev[0]:
+            return
+        if msg.round <= prev[1]:  # type: ignore[attr-defined]
+            return  # a late record of the round we committed, not a laggard
+        v.helped = True
+        self.counters["commits_republished"] += 1
+        out.append(PublishCommit(prev[1], prev[2], prev[3]))
 
     # ---- records of the current round --------------------------------------------------
 
@@ -953,6 +974,7 @@ class RoundMachine:
         if not merged:
             self._keep_my_delta(out)
         self._my_delta = None
+        self._last_commit = (s.base, s.round, s.version_id, s.votes)
         self.head_version, self.head_round, self.electorate = s.version_id, s.round, s.members
         self._sync = None
         self.counters["rounds_committed"] += 1
@@ -1208,6 +1230,7 @@ _COUNTERS = (
     "too_far_ahead",  # record for a round beyond the buffer
     "buffered_future",  # records kept for a later round
     "proposal_switches",  # adopted a better-ranked proposal before voting
+    "commits_republished",  # our last Commit, published again for a peer still on the old head
     "rounds_committed",
     "rounds_failed",
 )

@@ -51,7 +51,7 @@ def schedules(draw, *, heal_by: float | None = None) -> SimConfig:
     )  # fmt: skip
 
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(__import__("os").environ.get("SIM_EXAMPLES", "25")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
