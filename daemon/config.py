@@ -46,6 +46,7 @@ class NodeConfig:
 
     peers: tuple[str, ...] = _f((), "multiaddrs of any live peer or bootstrap DHT node; none starts a new swarm")
     event: str = _f("", "event manifest (JSON); empty means the built-in charlm event")
+    seeder: str = _f("", "peer id of the swarm's founder (printed in its join line); empty when founding")
     home: str = _f("~/.p2pmodel/node", "folder for this node's identity keys and lineage")
     device: str = _f("auto", "training device: auto (cuda when present), cpu or cuda[:N]")
     host_maddrs: tuple[str, ...] = _f(("/ip4/127.0.0.1/tcp/0",), "multiaddrs p2pd listens on (loopback by default)")
@@ -53,7 +54,7 @@ class NodeConfig:
     status_port: int = _f(7271, "port of the local HTTP status API on 127.0.0.1 (0: any free port)")
     log_level: str = _f("INFO", "log level: DEBUG, INFO, WARNING or ERROR")
     cpu_threads: int = _f(0, "torch threads for CPU training (0: all cores but one)")
-    max_rounds: int = _f(0, "leave after taking part in this many rounds (0: run until stopped)")
+    max_rounds: int = _f(0, "leave after this many rounds have committed since start (0: run until stopped)")
     shutdown_timeout: float = _f(10.0, "seconds to finish or abandon the current round on SIGINT/SIGTERM")
     fault: str = _f("", "testing only: inject a fault (see daemon/faults.py)", hidden=True)
 
@@ -76,9 +77,10 @@ class EventConfig:
     merge_method: str = "linear"  # p2pmodel.merge method applied to the deltas
     merge_params: dict = field(default_factory=dict)  # that method's parameters
     codec: dict = field(default_factory=dict)  # DeltaCodec settings (top-k fraction, bits)
-    collect_timeout: float = 20.0  # seconds after entering a round before the proposer proposes
-    proposal_timeout: float = 10.0  # seconds each proposer rank waits for a better one
-    round_timeout: float = 120.0  # seconds after which an uncommitted round fails
+    seeder: str = ""  # peer id of the swarm's founder: the electorate of the seed version
+    collect_window: float = 30.0  # seconds from entering a round to the first proposer's slot
+    proposal_timeout: float = 10.0  # seconds each proposer rank waits before the next takes over
+    round_deadline: float = 180.0  # seconds from entering a round until it fails if nothing committed
     ci_max_regression: float = 0.10  # a version whose eval loss exceeds base's by more than this fraction fails CI
     max_delta_bytes: int = 256 * 1024 * 1024  # largest encoded delta a peer accepts (bytes)
     seed: int = 0  # seed of the model's initial parameters

@@ -1,0 +1,363 @@
+"""`Node`: one volunteer's daemon. Opens everything, runs every long-lived loop under one
+supervisor, and shuts down in a fixed order.
+
+Opening order (`Node.create`), closed in reverse by `shutdown`:
+
+1. home folder: the Ed25519 identity (`identity.pem`), the libp2p key (`libp2p.key`), the
+   event manifest the node joined (`event.json`), the lineage (`lineage/`);
+2. the seed version: built from the task (deterministic, so every peer derives the same id
+   without syncing) when the lineage has no `main` yet;
+3. the transport (DHT node + p2pd), serving lineage objects and this node's deltas;
+4. the trainer (worker thread) and the status API.
+
+`run()` starts the loops (`rounds` — the `RoundRunner` driving `protocols.round`; `lag` — the
+loop-lag monitor) under one supervisor: a loop that returns or raises ends the node, and the
+error is reported, never swallowed.
+
+Shutdown (SIGINT/SIGTERM or `stop()`), STYLE.md §5:
+
+1. stop accepting new work (the round runner enters no new round, training is asked to stop);
+2. finish or abandon the current round within `shutdown_timeout`, then publish a `Departure`;
+3. close resources in reverse order of opening (status API, trainer, transport, lineage);
+4. gather the errors of those steps into one `NodeShutdownError`;
+5. cancel whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from p2pmodel.daemon.config import EventConfig, NodeConfig, event_from_mapping, load_event
+from p2pmodel.daemon.logs import get_logger
+from p2pmodel.daemon.status import LagMonitor, StatusServer
+from p2pmodel.daemon.trainer import Trainer
+from p2pmodel.daemon.transport import Transport
+from p2pmodel.errors import P2PModelError
+from p2pmodel.lineage import LineageError, LineageStore, RepositoryNotFound
+from p2pmodel.protocols.signing import PeerIdentity
+from p2pmodel.tasks import Task, load_task
+
+__all__ = ["Node", "NodeError", "NodeShutdownError", "seed_version"]
+
+logger = get_logger(__name__)
+
+_MAX_ERRORS = 20  # recent errors kept for the status API
+
+
+class NodeError(P2PModelError):
+    """The node cannot start or keep running. Field: `reason`."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+class NodeShutdownError(NodeError):
+    """One or more steps of the shutdown failed. Field: `errors` (in shutdown order)."""
+
+    def __init__(self, errors: list[BaseException]):
+        self.errors = errors
+        super().__init__("shutdown had errors: " + "; ".join(f"{type(e).__name__}: {e}" for e in errors))
+
+
+def seed_version(store: LineageStore, task: Task, event: EventConfig) -> str:
+    """Commit the event's seed version on `main` if the lineage has none; returns main's id.
+
+    The seed is a pure function of the event (the task builds its model deterministically;
+    time is fixed at 0), so every peer computes the same seed id without talking to anyone.
+    """
+    existing = store.branches().get("main")
+    if existing is not None:
+        return existing
+    state = {k: v.detach().to("cpu") for k, v in task.build_model().state_dict().items()}
+    version = store.commit(
+        state,
+        parents=[],
+        message=f"seed of event {event.name}",
+        time=0.0,
+        author="seed",
+        files={"event.json": event.to_json().encode()},
+    )
+    return version.id
+
+
+def _load_identity(path: Path) -> PeerIdentity:
+    if path.exists():
+        return PeerIdentity.load(path)
+    identity = PeerIdentity.generate()
+    identity.save(path)
+    return identity
+
+
+def _load_node_event(config: NodeConfig, home: Path, peer_id: str) -> EventConfig:
+    """The event from --event, else the one this home joined before, else the default.
+
+    `--seeder` fills the event's seeder; a node that founds a swarm (no --peers, no seeder)
+    becomes the seeder itself.
+    """
+    stored = home / "event.json"
+    if config.event:
+        event = load_event(config.event)
+    elif stored.exists():
+        event = event_from_mapping(json.loads(stored.read_text()), source=str(stored))
+    else:
+        event = EventConfig()
+    if config.seeder:
+        event = dataclasses.replace(event, seeder=config.seeder)
+    if not event.seeder:
+        if config.peers:
+            raise NodeError("joining needs the founder's id: pass --seeder (it is in the join line) or an --event naming it")
+        event = dataclasses.replace(event, seeder=peer_id)
+    if stored.exists():
+        before = event_from_mapping(json.loads(stored.read_text()), source=str(stored))
+        if before.event_hash() != event.event_hash():
+            raise NodeError(f"{home} belongs to event {before.name} ({before.event_hash()[:12]}); use another --home")
+    else:
+        stored.write_text(event.to_json())
+    return event
+
+
+class Node:
+    """A swarm peer. Build with `await Node.create(config)`, then `await node.run()`."""
+
+    def __init__(self, *, _created: bool = False):
+        assert _created, "use `await Node.create(config)`"
+        self.config: NodeConfig
+        self.event: EventConfig
+        self.identity: PeerIdentity
+        self.store: LineageStore
+        self.task: Task
+        self.transport: Transport
+        self.trainer: Trainer
+        self.status_server: StatusServer | None = None
+        self.lag = LagMonitor()
+        self.started = time.time()
+        self.errors: list[dict[str, Any]] = []
+        self.runner: Any = None  # RoundRunner, set in create()
+        self._stopping = asyncio.Event()
+        self._closers: list[tuple[str, Any]] = []  # (name, async-or-sync close) in opening order
+
+    # ------------------------------------------------------------------------------ opening
+
+    @classmethod
+    async def create(cls, config: NodeConfig) -> "Node":
+        """Open the home folder, lineage, transport, trainer and status API (in that order).
+
+        Raises:
+            NodeError / TransportError / ConfigError: something could not be opened; what was
+            opened before it is closed again.
+        """
+        from p2pmodel.daemon.rounds import RoundRunner  # imports protocols.round and the codec
+
+        self = cls(_created=True)
+        self.config = config
+        try:
+            home = config.home_path
+            home.mkdir(parents=True, exist_ok=True)
+            self.identity = _load_identity(home / "identity.pem")
+            self.event = _load_node_event(config, home, self.identity.peer_id)
+            try:
+                self.store = LineageStore.open(home / "lineage")
+            except RepositoryNotFound:
+                self.store = LineageStore.init(home / "lineage")
+            self._closers.append(("lineage", self.store.close))
+            self.task = await asyncio.to_thread(load_task, self.event.task, **self.event.task_options)
+            head = await asyncio.to_thread(seed_version, self.store, self.task, self.event)
+            self.transport = await Transport.create(
+                initial_peers=config.peers,
+                host_maddrs=config.host_maddrs,
+                announce_maddrs=config.announce_maddrs,
+                identity_path=str(home / "libp2p.key"),
+                record_check=_record_check,
+                limits=_transport_limits(config),
+            )
+            self._closers.append(("transport", self.transport.shutdown))
+            self.transport.add_source(self._serve_lineage_object, kind="lineage")
+            self.trainer = Trainer(
+                self.task,
+                config.device,
+                lr=self.event.inner_lr,
+                peer_seed=int(self.identity.peer_id[:8], 16),
+                cpu_threads=config.cpu_threads,
+            )
+            self._closers.append(("trainer", self.trainer.close))
+            self.runner = RoundRunner(self, head)
+            self.status_server = await StatusServer.create(self.status, config.status_port)
+            self._closers.append(("status", self.status_server.close))
+            (home / "node.json").write_text(
+                json.dumps({"pid": os.getpid(), "status_url": self.status_server.url, "peer_id": self.identity.peer_id})
+            )
+        except BaseException:
+            await self._close_resources()
+            raise
+        logger.info(
+            "node ready",
+            peer=self.identity.peer_id[:12],
+            event=self.event.name,
+            head=head[:12],
+            device=self.trainer.device,
+            status=self.status_server.url,
+        )
+        return self
+
+    def _serve_lineage_object(self, oid: str) -> bytes | None:
+        """Object source for peers that sync: version records and tensors, verified on read."""
+        try:
+            return self.store.read_object(oid) if self.store.has_object(oid) else None
+        except LineageError:
+            return None
+
+    async def join_line(self) -> str:
+        """The exact command others run to join this swarm."""
+        addrs = " ".join(await self.transport.visible_maddrs())
+        event = f" --event {self.config.event}" if self.config.event else ""
+        return f"p2pmodel join --peers {addrs} --seeder {self.event.seeder}{event}"
+
+    # ------------------------------------------------------------------------------ running
+
+    def stop(self) -> None:
+        """Ask the node to leave gracefully (idempotent; safe from a signal handler)."""
+        if not self._stopping.is_set():
+            logger.info("stopping")
+            self._stopping.set()
+            if self.runner is not None:
+                self.runner.stop_accepting()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def record_error(self, message: str) -> None:
+        """Remember a recoverable error for the status API (and log it)."""
+        logger.warning(message)
+        self.errors.append({"time": time.time(), "message": message})
+        del self.errors[:-_MAX_ERRORS]
+
+    async def run(self) -> None:
+        """Run until stopped (signal, `stop()`, or `max_rounds`), then shut down.
+
+        Raises:
+            NodeError: a loop failed (after shutdown), or the shutdown itself had errors.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+                pass
+        loops = {
+            "rounds": asyncio.create_task(self.runner.run(), name="rounds"),
+            "lag": asyncio.create_task(self.lag.run(), name="lag"),
+        }
+        stop_wait = asyncio.create_task(self._stopping.wait(), name="stop")
+        failure: BaseException | None = None
+        try:
+            done, _ = await asyncio.wait([stop_wait, *loops.values()], return_when=asyncio.FIRST_COMPLETED)
+            for name, task in loops.items():
+                if task in done:
+                    exc = task.exception()
+                    if exc is None and name == "rounds" and (self.stopping or self.runner.finished):
+                        continue  # the round loop returns after max_rounds or on stop: expected
+                    failure = exc or NodeError(f"loop {name!r} returned unexpectedly")
+                    logger.error("loop failed", loop=name, error=repr(failure))
+        finally:
+            self.stop()
+            errors = await self._shutdown(loops, stop_wait)
+        if failure is not None:
+            raise NodeError(f"loop failed: {failure!r}") from failure
+        if errors:
+            raise NodeShutdownError(errors)
+
+    async def _shutdown(self, loops: dict[str, asyncio.Task], stop_wait: asyncio.Task) -> list[BaseException]:
+        errors: list[BaseException] = []
+        # 2. finish or abandon the round, then say goodbye
+        rounds = loops["rounds"]
+        if not rounds.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(rounds), self.config.shutdown_timeout)
+            except asyncio.TimeoutError:
+                rounds.cancel()
+            except Exception:
+                pass  # reported by run() already
+        try:
+            await asyncio.wait_for(self.runner.depart(), 5.0)
+        except Exception as e:  # a failed goodbye must not stop the closing of resources
+            errors.append(e)
+        # 3.-4. close in reverse order, gathering errors
+        errors.extend(await self._close_resources())
+        # 5. cancel the rest
+        for task in [*loops.values(), stop_wait]:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*loops.values(), stop_wait, return_exceptions=True)
+        logger.info("stopped", errors=len(errors))
+        return errors
+
+    async def _close_resources(self) -> list[BaseException]:
+        errors: list[BaseException] = []
+        while self._closers:
+            name, close = self._closers.pop()
+            try:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await asyncio.wait_for(result, 15.0)
+            except Exception as e:
+                logger.warning("error while closing", resource=name, error=repr(e))
+                errors.append(e)
+        return errors
+
+    # ------------------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        """The node's state for the status API (called on the loop; cheap)."""
+        p = self.trainer.progress
+        state = {
+            "peer_id": self.identity.peer_id,
+            "libp2p_id": self.transport.peer_id.to_base58(),
+            "event": f"{self.event.name} ({self.event.event_hash()[:12]})",
+            "uptime_s": time.time() - self.started,
+            "training": {
+                "device": self.trainer.device,
+                "step": p.step,
+                "steps": p.steps,
+                "loss": p.loss,
+                "samples_per_s": p.samples_per_s,
+            },
+            "bytes": self.transport.counters.snapshot(),
+            "records_rejected": self.transport.validator.rejected,
+            "dht_peers": self.transport.routing_table_size(),
+            "loop_lag": self.lag.snapshot(),
+            "errors": list(self.errors),
+            "stopping": self.stopping,
+        }
+        state.update(self.runner.status())
+        return state
+
+
+def _record_check(subkey: str, value: bytes) -> bool:
+    """DHT records must be signed envelopes whose signer is the record's subkey."""
+    from p2pmodel.protocols.errors import RemoteProtocolError
+    from p2pmodel.protocols.signing import open_signed
+
+    try:
+        _, signer = open_signed(value)
+    except RemoteProtocolError:
+        return False
+    return signer == subkey
+
+
+def _transport_limits(config: NodeConfig):
+    from p2pmodel.daemon.transport import TransportLimits
+
+    # The largest record in the DHT is a Commit (version record + certificate): ~100 bytes per
+    # tensor and ~250 per vote, so 1 MiB covers thousands of tensors and hundreds of voters.
+    # hivemind's p2pd messages stop at 4 MiB; the wire limit for commits (8 MiB) does not fit.
+    return TransportLimits(max_record_bytes=1024 * 1024)
+

@@ -1,0 +1,197 @@
+"""`p2pmodel join`, `p2pmodel status` and `p2pmodel demo`: the swarm's commands.
+
+- `join` runs a node until SIGINT/SIGTERM (flags are generated from `NodeConfig`'s fields).
+  Without `--peers` it founds a new swarm and prints the exact line others run to join it.
+- `status` reads a running node's local status API and prints a summary (or `--json`).
+- `demo` starts 3 nodes as separate processes on 127.0.0.1, lets them run a few rounds, then
+  prints the lineage log with the eval loss of every version.
+
+The daemon is imported inside the handlers, so building the parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from p2pmodel.errors import P2PModelError, UsageError
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from p2pmodel.daemon.config import add_node_flags
+
+    join = subparsers.add_parser("join", help="run a swarm node (found a swarm, or join one with --peers)")
+    add_node_flags(join)
+    join.set_defaults(func=cmd_join)
+
+    status = subparsers.add_parser("status", help="show a running node's state")
+    status.add_argument("--home", default="~/.p2pmodel/node", help="the node's home folder (finds its status URL)")
+    status.add_argument("--url", default=None, help="status URL (default: read from HOME/node.json)")
+    status.add_argument("--json", action="store_true", help="print the raw status JSON")
+    status.set_defaults(func=cmd_status)
+
+    demo = subparsers.add_parser("demo", help="run a local 3-node swarm for a few rounds and show the lineage")
+    demo.add_argument("--nodes", type=int, default=3, help="number of nodes (separate processes)")
+    demo.add_argument("--rounds", type=int, default=4, help="rounds each node takes part in before leaving")
+    demo.add_argument("--dir", default=None, help="folder for the nodes' homes (default: a temporary folder)")
+    demo.add_argument("--inner-steps", type=int, default=30, help="inner AdamW steps per round")
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds before the demo gives up")
+    demo.set_defaults(func=cmd_demo)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from p2pmodel.daemon.config import node_config_from_args
+    from p2pmodel.daemon.logs import Progress, configure_logging
+    from p2pmodel.daemon.node import Node
+
+    config = node_config_from_args(args)
+    configure_logging(config.log_level, progress=Progress())
+
+    async def main() -> None:
+        node = await Node.create(config)
+        line = await node.join_line()
+        # the one line a user must see even with logs redirected: stdout, flushed
+        print(f"To join this swarm, run:\n  {line}", flush=True)
+        await node.run()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # uvloop is optional off Linux/macOS
+        asyncio.run(main())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from p2pmodel.daemon.status import fetch_status, format_status
+
+    url = args.url
+    if url is None:
+        info = Path(args.home).expanduser() / "node.json"
+        try:
+            url = json.loads(info.read_text())["status_url"]
+        except (OSError, ValueError, KeyError):
+            raise UsageError(f"no node.json in {info.parent}; pass --url or the node's --home") from None
+    state = fetch_status(url)
+    print(json.dumps(state, indent=2, sort_keys=True) if args.json else format_status(state))
+    return 0
+
+
+class DemoError(P2PModelError):
+    """The demo swarm did not finish. Field: `reason`."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"demo failed: {reason}")
+
+
+def _demo_event(inner_steps: int) -> dict:
+    # Short windows sized for a loaded 2-core machine: a round is ~training + collect window.
+    return {
+        "name": "demo",
+        "inner_steps": inner_steps,
+        "collect_window": 25.0,
+        "proposal_timeout": 8.0,
+        "round_deadline": 150.0,
+        "codec": {"encoder": "topk", "density": 0.05, "value_bits": 8},
+        "task_options": {"train_bytes": 300_000, "eval_batches": 4},
+    }
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.nodes < 1:
+        raise UsageError("--nodes must be at least 1")
+    root = Path(args.dir or tempfile.mkdtemp(prefix="p2pmodel-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    event_path = root / "event.json"
+    event_path.write_text(json.dumps(_demo_event(args.inner_steps), indent=2))
+    exe = [sys.executable, "-c", "import sys; from p2pmodel.cli import main; sys.exit(main())"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cpu = max(1, (os.cpu_count() or 2) // args.nodes)
+    common = ["--event", str(event_path), "--status-port", "0", "--device", "cpu", "--cpu-threads", str(cpu)]
+    common += ["--max-rounds", str(args.rounds)]
+    procs: list[subprocess.Popen] = []
+    logs = []
+    deadline = time.monotonic() + args.timeout
+    try:
+        first_log = open(root / "node0.log", "w")
+        logs.append(first_log)
+        procs.append(subprocess.Popen([*exe, "join", "--home", str(root / "node0"), *common], stdout=subprocess.PIPE, stderr=first_log, env=env, text=True))
+        join = _read_join_line(procs[0], deadline)
+        print(f"node0 founded the swarm; the others run:\n  {join}", flush=True)
+        extra = join.split("p2pmodel join", 1)[1].split()
+        for i in range(1, args.nodes):
+            log = open(root / f"node{i}.log", "w")
+            logs.append(log)
+            procs.append(subprocess.Popen([*exe, "join", "--home", str(root / f"node{i}"), *extra, *common], stdout=subprocess.DEVNULL, stderr=log, env=env, text=True))
+        _follow(procs, root, deadline)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    _print_lineage(root / "node0" / "lineage")
+    print(f"\nlogs and homes: {root}")
+    return 0
+
+
+def _read_join_line(proc: subprocess.Popen, deadline: float) -> str:
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise DemoError(f"the first node exited (code {proc.wait()}) before printing its join line")
+        if line.strip().startswith("p2pmodel join"):
+            return line.strip()
+    raise DemoError("the first node did not start in time")
+
+
+def _follow(procs: list[subprocess.Popen], root: Path, deadline: float) -> None:
+    """Print committed rounds as node0 logs them; return when every node has left."""
+    seen = 0
+    pattern = re.compile(r"committed round=(\d+) version=(\w+) contributors=(\d+) eval_loss=([\d.na]+)")
+    while any(p.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+            raise DemoError("timed out; see the node logs")
+        lines = (root / "node0.log").read_text().splitlines()
+        for line in lines[seen:]:
+            m = pattern.search(line)
+            if m:
+                print(f"round {m[1]} committed: version {m[2]}, {m[3]} contributors, eval loss {m[4]}", flush=True)
+        seen = len(lines)
+        time.sleep(1.0)
+    bad = [i for i, p in enumerate(procs) if p.returncode not in (0, -signal.SIGTERM)]
+    if bad:
+        raise DemoError(f"node(s) {bad} exited with an error; see {root}/node*.log")
+
+
+def _print_lineage(path: Path) -> None:
+    from p2pmodel.lineage import LineageStore
+
+    with LineageStore.open(path) as store:
+        print("\nlineage of node0 (newest first):")
+        for info in store.log_info("main"):
+            loss = (info.metrics or {}).get("eval_loss") if hasattr(info, "metrics") else None
+            loss = loss if loss is not None else (store.annotations(info.id).metrics or {}).get("eval_loss")
+            loss_text = f"{loss:.4f}" if isinstance(loss, float) else "  -   "
+            print(f"  {info.id[:12]}  round {str(info.round):>4}  eval_loss {loss_text}  {info.message}")
