@@ -549,9 +549,12 @@ class RoundMachine:
         self._future_count = 0
         self._future_announcers: dict[int, set[str]] = {}
         self._proposal_cache: dict[str, tuple[int, Proposal]] = {}
-        self._fetch_asked: set[str] = set()  # every delta hash ever asked for
-        self._merge_asked: set[str] = set()  # every proposal hash ever asked to merge
-        self._sync_asked: set[str] = set()  # every version id ever asked to sync
+        # What we asked the daemon for, with the round we asked in: a result for something
+        # never asked is a bug (raises); one asked in the last `future_rounds` rounds may
+        # still be in flight and is only stale. Older entries are forgotten.
+        self._fetch_asked: dict[str, int] = {}  # delta hash -> round
+        self._merge_asked: dict[str, int] = {}  # proposal hash -> round
+        self._sync_asked: dict[str, int] = {}  # version id -> round
         self._last_commit: tuple[str, int, str, tuple[Vote, ...]] | None = None  # (base, round, id, votes)
         self.counters: dict[str, int] = {k: 0 for k in _COUNTERS}
         self._now = float("-inf")  # latest event time: next_deadline only returns later times
@@ -794,7 +797,7 @@ class RoundMachine:
         assert v is not None
         if delta_hash not in v.fetch:
             v.fetch[delta_hash] = None
-            self._fetch_asked.add(delta_hash)
+            self._fetch_asked[delta_hash] = v.round
             out.append(FetchDelta(peer_id, delta_hash))
 
     def _on_proposal(self, msg: Proposal, sender: str) -> None:
@@ -947,7 +950,7 @@ class RoundMachine:
         prop = self._proposal_by_hash(ph)
         self._sync = _SyncTarget(round_, vid, ph, base, votes, have, frozenset(prop.members) if prop else None)
         if not have:
-            self._sync_asked.add(vid)
+            self._sync_asked[vid] = v.round
             out.append(SyncVersion(vid, round_, tuple(sorted({x.voter for x in votes}))))
         if prop is None and ph not in v.fetch_proposal_asked:
             v.fetch_proposal_asked.add(ph)
@@ -1089,7 +1092,7 @@ class RoundMachine:
             return
         if all(s is True for s in states):
             v.merge_asked.add(v.candidate)
-            self._merge_asked.add(v.candidate)
+            self._merge_asked[v.candidate] = v.round
             out.append(Merge(prop, v.candidate))
 
     def _drop_candidate(self) -> None:
@@ -1143,6 +1146,10 @@ class RoundMachine:
 
     def _enter(self, round_: int, now: float, out: list[Action]) -> None:
         assert self.head_version is not None
+        horizon = round_ - self.config.future_rounds
+        for asked in (self._fetch_asked, self._merge_asked, self._sync_asked):
+            for k in [k for k, r in asked.items() if r < horizon]:
+                del asked[k]
         self._view = v = _RoundView(round_, self.head_version, now)
         out.append(EnterRound(round_, v.base))
         out.append(Publish(self._announcement(round_, now)))
