@@ -44,8 +44,8 @@ def sign_consensus_mask(weighted: Tensor, method: Consensus = "sum") -> Tensor:
     """Which entries agree with the elected sign (mergekit's `get_mask`). Bool, `(n, *shape)`."""
     sign = weighted.sign()  # (n, *shape)
     votes = weighted.sum(dim=0) if method == "sum" else sign.sum(dim=0)  # (*shape)
-    elected = (votes >= 0).to(weighted.dtype) * 2 - 1  # ties elect +1, as mergekit
-    return sign == elected
+    elected = (votes >= 0).to(weighted.dtype).mul_(2).sub_(1)  # ties elect +1, as mergekit
+    return sign.eq_(elected).bool()  # in place: `sign` is ours
 
 
 def _mix(
@@ -54,9 +54,10 @@ def _mix(
     w = torch.tensor(weights, dtype=deltas.dtype).view(-1, *([1] * (deltas.dim() - 1)))  # (n, 1, ...)
     weighted = deltas * w  # (n, *shape)
     if consensus is not None:
-        mask = sign_consensus_mask(weighted, consensus)  # (n, *shape)
-        mixed = (weighted * mask).sum(dim=0)  # (*shape)
-        divisor = (w * mask).sum(dim=0)  # (*shape)
+        mask = sign_consensus_mask(weighted, consensus)  # (n, *shape), bool
+        mixed = weighted.mul_(mask).sum(dim=0)  # (*shape); in place: one (n, *shape) copy fewer
+        del weighted
+        divisor = mask.to(deltas.dtype).mul_(w).sum(dim=0)  # (*shape)
         divisor[divisor == 0] = 1
     else:
         mixed = weighted.sum(dim=0)
@@ -112,7 +113,9 @@ def ties(
     whole model, which the checkpoint engine does before calling this (for one tensor on
     its own the two are the same).
     """
-    trimmed = torch.stack([magnitude(d, p, rescale) for d, p in zip(deltas, density)])  # (n, *shape)
+    trimmed = torch.empty_like(deltas)  # (n, *shape); filled one model at a time
+    for i, (d, p) in enumerate(zip(deltas, density)):
+        trimmed[i] = magnitude(d, p, rescale)
     return _mix(trimmed, weights, consensus, normalize, lambda_)
 
 
@@ -133,7 +136,9 @@ def dare_linear(
     generator: torch.Generator,
 ) -> Tensor:
     """Drop each entry of each task vector with probability `1 - density`, rescale, add up."""
-    dropped = torch.stack([bernoulli(d, p, generator, rescale) for d, p in zip(deltas, density)])
+    dropped = torch.empty_like(deltas)  # (n, *shape); filled one model at a time
+    for i, (d, p) in enumerate(zip(deltas, density)):
+        dropped[i] = bernoulli(d, p, generator, rescale)
     return _mix(dropped, weights, None, normalize, lambda_)
 
 
@@ -155,5 +160,7 @@ def dare_ties(
     generator: torch.Generator,
 ) -> Tensor:
     """DARE's random drop, then TIES' sign election and disjoint merge."""
-    dropped = torch.stack([bernoulli(d, p, generator, rescale) for d, p in zip(deltas, density)])
+    dropped = torch.empty_like(deltas)  # (n, *shape); filled one model at a time
+    for i, (d, p) in enumerate(zip(deltas, density)):
+        dropped[i] = bernoulli(d, p, generator, rescale)
     return _mix(dropped, weights, consensus, normalize, lambda_)
