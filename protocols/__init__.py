@@ -1,0 +1,35 @@
+"""p2pmodel.protocols: everything that travels between peers, as pure code (no I/O, no clocks).
+
+Map (source folder `protocols/`, installed as `p2pmodel.protocols`):
+
+- `errors.py`       — `ProtocolError`; `LocalProtocolError` (our bug) vs `RemoteProtocolError`
+                      (the peer misbehaved: drop the record, count it, keep running).
+- `messages.py`     — every wire message as a frozen dataclass; msgpack envelope with a protocol
+                      version; size limits per message type in one place (`LIMITS`).
+- `signing.py`      — Ed25519 peer identities and signed envelopes (`sign`, `open_signed`).
+- `codec.py`        — `DeltaCodec` and `ErrorFeedback`: compressed parameter deltas
+  (`quant.py`, `sparse.py`, `delta_format.py`, `codec_errors.py` hold its parts).
+- `round.py`        — `RoundMachine`: the round's state machine; events in, actions out.
+- `sim.py`          — a virtual-clock network simulator that drives many `RoundMachine`s.
+- `SPEC.md`, `vectors/` — the written wire specification and its test vectors.
+
+The core (`p2pmodel.lineage`, `p2pmodel.merge`) never imports this package; the daemon does.
+"""
+
+from p2pmodel.protocols.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from p2pmodel.protocols.messages import LIMITS, PROTOCOL_VERSION, decode, encode, message_hash
+from p2pmodel.protocols.signing import PeerIdentity, open_signed, sign
+
+__all__ = [
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "LIMITS",
+    "PROTOCOL_VERSION",
+    "encode",
+    "decode",
+    "message_hash",
+    "PeerIdentity",
+    "sign",
+    "open_signed",
+]
