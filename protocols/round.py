@@ -837,6 +837,10 @@ class RoundMachine:
             return False
         if len(p.members) > self.config.max_members:
             return False
+        if len(members & self.electorate) < quorum(len(self.electorate), self.config.quorum):
+            # The members become the next round's electorate: a list that drops more than a
+            # third of this one (a partial view, or a liar's short list) could stall the swarm.
+            return False
         peers = [d.peer_id for d in p.deltas]
         if len(set(peers)) != len(peers) or not set(peers) <= members:
             return False
@@ -1035,6 +1039,8 @@ class RoundMachine:
             if proposer not in v.bad_proposers and self._rank_key(proposer) < mine:
                 return  # a better-ranked proposal is alive
         members = sorted(m for m in v.members if m not in v.departed)[: self.config.max_members]
+        if len(self.electorate.intersection(members)) < quorum(len(self.electorate), self.config.quorum):
+            return  # our view is too partial to propose (see _proposal_is_sound); wait for announcements
         deltas = tuple(
             ProposalDelta(p, a.delta_hash, float(a.samples))
             for p, a in sorted(v.deltas.items())
@@ -1150,11 +1156,17 @@ class RoundMachine:
         for asked in (self._fetch_asked, self._merge_asked, self._sync_asked):
             for k in [k for k, r in asked.items() if r < horizon]:
                 del asked[k]
+        prev = self._view
         self._view = v = _RoundView(round_, self.head_version, now)
         out.append(EnterRound(round_, v.base))
         out.append(Publish(self._announcement(round_, now)))
         v.my_key = proposer_rank_key(round_, self.peer.peer_id)
         v.add_member(self.peer.peer_id)
+        if prev is not None and prev.round == round_:
+            # Re-entering the same round on a newer head (we synced a commit we had missed):
+            # announcements name a round, not a base, so the members we saw still count.
+            for m in prev.members - prev.departed - {self.peer.peer_id}:
+                v.add_member(m)
         # Whatever happened to the last round, a delta it did not merge is carried, never dropped.
         self._keep_my_delta(out)
         if self._training is None:

@@ -390,15 +390,22 @@ def test_the_proposer_publishes_the_commit():
     assert of(acts, PublishCommit) and of(acts, CommitVersion)
 
 
-def test_quorum_of_a_small_member_list_alone_does_not_commit():
-    # A proposal naming only 2 members: 2 of 2 sign, but only 2 of the electorate's 4 (< 3).
+def test_proposal_naming_less_than_two_thirds_of_the_electorate_is_bogus():
     m = machine(ORDER[3])
     full_round_to_merge(m, ORDER[3])
+    small = proposal(ORDER[0], members=[ORDER[0], ORDER[1]], deltas=[])  # 2 of the electorate's 4 < 3
+    acts = m.process(MessageReceived(31.0, small, ORDER[0]))
+    assert m.counters["bogus_proposal"] == 1 and not of(acts, Merge)
+
+
+def test_commit_signed_by_all_members_of_a_small_proposal_but_not_two_thirds_of_the_electorate_is_rejected():
+    # The partition case: one side's proposal names only itself; 2 of 2 members signed,
+    # but only 2 of the electorate's 4 (< 3). A quorum over the member list alone would accept it.
+    m = machine(ORDER[3])
     small = proposal(ORDER[0], members=[ORDER[0], ORDER[1]], deltas=[])
-    m.process(MessageReceived(31.0, small, ORDER[0]))
-    m.process(MessageReceived(33.0, vote(ORDER[0], small), ORDER[0]))
-    acts = m.process(MessageReceived(33.0, vote(ORDER[1], small), ORDER[1]))
-    assert not of(acts, CommitVersion) and not of(acts, SyncVersion) and m.round == R
+    cert = tuple(encode(vote(pid, small)) for pid in (ORDER[0], ORDER[1]))
+    acts = m.process(MessageReceived(40.0, Commit(round=R, version_record=b"rec", certificate=cert), ORDER[0]))
+    assert not of(acts, SyncVersion) and m.counters["bad_commit"] == 1 and m.round == R
 
 
 def test_peer_whose_result_differs_syncs_the_committed_version():
