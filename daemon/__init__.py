@@ -4,8 +4,12 @@ Map:
 
 - `transport.py` — hivemind DHT records (`publish`/`fetch`) and libp2p object streams
   (`rpc_get_object`/`call_fetch`, resumable, hash-verified); byte counters per message type.
-- `node.py`      — `Node`: one supervisor over the node's loops; drives `protocols.round.RoundMachine`
-  with real I/O (records, trainer thread, fetches, merge, lineage, commit, head sync).
+- `node.py`      — `Node`: opens home, lineage, transport, trainer and status API; one supervisor
+  over the node's loops; the fixed shutdown order.
+- `rounds.py`    — `RoundRunner`: drives `protocols.round.RoundMachine` with real I/O (records,
+  training, delta fetches, deterministic merge + outer step, votes, commits).
+- `sync.py`      — commit certificate checks and copying versions from peers into the lineage.
+- `faults.py`    — fault-injecting transport for multi-process tests (`join --fault`).
 - `trainer.py`   — runs the task's inner loop in a worker thread.
 - `status.py`    — the local HTTP status API on 127.0.0.1, its client, and the loop-lag monitor.
 - `config.py`    — `NodeConfig`, the one frozen config object; CLI flags are generated from it.
@@ -34,6 +38,11 @@ _EXPORTS = {
     "Node": "node",
     "NodeError": "node",
     "NodeConfig": "config",
+    "EventConfig": "config",
+    "RoundRunner": "rounds",
+    "SyncError": "sync",
+    "sync_version": "sync",
+    "verify_commit": "sync",
     "StatusServer": "status",
     "LagMonitor": "status",
     "fetch_status": "status",

@@ -170,7 +170,9 @@ class Node:
             self._closers.append(("lineage", self.store.close))
             self.task = await asyncio.to_thread(load_task, self.event.task, **self.event.task_options)
             head = await asyncio.to_thread(seed_version, self.store, self.task, self.event)
-            self.transport = await Transport.create(
+            from p2pmodel.daemon.faults import transport_class
+
+            self.transport = await transport_class(config.fault).create(
                 initial_peers=config.peers,
                 host_maddrs=config.host_maddrs,
                 announce_maddrs=config.announce_maddrs,
@@ -332,6 +334,7 @@ class Node:
             },
             "bytes": self.transport.counters.snapshot(),
             "records_rejected": self.transport.validator.rejected,
+            "faults_injected": getattr(self.transport, "faults_injected", 0),
             "dht_peers": self.transport.routing_table_size(),
             "loop_lag": self.lag.snapshot(),
             "errors": list(self.errors),

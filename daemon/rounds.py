@@ -268,6 +268,10 @@ class RoundRunner:
         await self._drain()
 
     async def _drain(self) -> None:
+        # let records already handed to the DHT (the Departure above all) go out, briefly
+        publishing = [t for t in self._tasks if t.get_name().startswith("publish")]
+        if publishing:
+            await asyncio.wait(publishing, timeout=5.0)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -511,7 +515,7 @@ class RoundRunner:
             return
         self._candidates[version.id] = _Candidate(version, metrics, a.proposal_hash)
         self._eval_cache[version.id] = metrics
-        logger.info("merged", round=a.proposal.round, version=version.id[:12], deltas=len(a.proposal.deltas), **{k: round(v, 4) for k, v in metrics.items()})
+        logger.info("merged", round=a.proposal.round, version=version.id[:12], proposal=a.proposal_hash[:12], deltas=len(a.proposal.deltas), **{k: round(v, 4) for k, v in metrics.items()})
         self._post(rm.MergeDone(time.time(), a.proposal_hash, version.id, metrics))
 
     def _ci_gate(self, metrics: dict[str, float], base: dict[str, float]) -> str:
