@@ -171,7 +171,7 @@ class SimResult:
     versions: dict[str, tuple[str, tuple[str, ...]]]  # honest version id -> (base, delta hashes)
     deltas: dict[str, tuple[int, int, tuple[str, ...]]]  # delta hash -> (owner, round, carried deltas)
     pending: dict[int, frozenset[str]]  # per peer: deltas kept, announced or in training at the end
-    sent: dict[int, Counter]  # peer -> message type -> messages sent
+    sent: dict[int, Counter]  # peer -> (message type, round) -> messages sent
     sent_bytes: dict[int, Counter]
     received: dict[int, Counter]
     received_bytes: dict[int, Counter]
@@ -273,8 +273,6 @@ class Simulation:
                     p.ticks.discard(t)
                     self._feed(p, Tick(t))
                 elif isinstance(payload, _Delivery):
-                    self.received[idx][payload.message.TYPE] += 1
-                    self.received_bytes[idx][payload.message.TYPE] += payload.size
                     self._feed(p, MessageReceived(t, payload.message, payload.sender))
                 else:
                     if isinstance(payload, TrainingDone):
@@ -377,10 +375,11 @@ class Simulation:
         if ok:
             assert owner is not None
             t = self._reachable(p.idx, owner.idx, self.now) - self.now + t + self.cfg.delta_size / self.cfg.net.bandwidth
-            self.sent[owner.idx]["delta_payload"] += 1
-            self.sent_bytes[owner.idx]["delta_payload"] += self.cfg.delta_size
-            self.received[p.idx]["delta_payload"] += 1
-            self.received_bytes[p.idx]["delta_payload"] += self.cfg.delta_size
+            key = ("delta_payload", info[1])  # type: ignore[index]
+            self.sent[owner.idx][key] += 1
+            self.sent_bytes[owner.idx][key] += self.cfg.delta_size
+            self.received[p.idx][key] += 1
+            self.received_bytes[p.idx][key] += self.cfg.delta_size
         else:
             t += self.cfg.net.retry_interval * self.cfg.net.max_retries  # the daemon gives up after retries
         self._event_later(p, t, DeltaFetched(0.0, a.delta_hash, ok))
@@ -392,8 +391,8 @@ class Simulation:
             t = min(self._reachable(p.idx, s.idx, self.now) for s in live) - self.now
             ev: Any = VersionSynced(0.0, a.version_id, a.round)
             self._event_later(p, t + self.cfg.sync_time + self._delay(), ev)
-            self.received_bytes[p.idx]["version_sync"] += self.cfg.record_size
-            self.received[p.idx]["version_sync"] += 1
+            self.received_bytes[p.idx][("version_sync", a.round)] += self.cfg.record_size
+            self.received[p.idx][("version_sync", a.round)] += 1
         else:
             self._event_later(p, self.cfg.net.retry_interval * 2, SyncFailed(0.0, a.version_id))
 
@@ -418,8 +417,9 @@ class Simulation:
             fake = hashlib.sha256(f"equivocate:{p.idx}:{msg.round}".encode()).hexdigest()
             variants.append(dataclasses.replace(msg, version_id=fake))
         sizes = [self._size(m) for m in variants]
-        self.sent[p.idx][kind] += 1
-        self.sent_bytes[p.idx][kind] += sizes[0]
+        key = (kind, msg.round)  # type: ignore[attr-defined]
+        self.sent[p.idx][key] += 1
+        self.sent_bytes[p.idx][key] += sizes[0]
         for q in self.peers:
             if q is p:
                 continue
@@ -434,6 +434,10 @@ class Simulation:
                 t += net.retry_interval
                 continue
             t += self._delay()
+            # Counted when scheduled, so reads still in flight when the run stops are not lost.
+            key = (msg.TYPE, msg.round)  # type: ignore[attr-defined]
+            self.received[q.idx][key] += 1
+            self.received_bytes[q.idx][key] += size
             self._push(t, q.idx, "event", _Delivery(msg, self.peers[src].info.peer_id, size))
             if net.duplicate and self.rng.random() < net.duplicate:
                 self._push(t + self._delay(), q.idx, "event", _Delivery(msg, self.peers[src].info.peer_id, size))
