@@ -13,6 +13,8 @@ plus determinism and a run with a few hundred peers.
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,7 +53,8 @@ def schedules(draw, *, heal_by: float | None = None) -> SimConfig:
     )  # fmt: skip
 
 
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("SIM_EXAMPLES", "25")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "80"))  # SIM_EXAMPLES=1500 for a soak run (about 2 minutes)
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
