@@ -67,7 +67,8 @@ __all__ = ["RoundRunner", "RoundTimes"]
 
 logger = get_logger(__name__)
 
-POLL_INTERVAL = 1.0  # seconds between reads of the round's DHT keys
+POLL_INTERVAL = 1.5  # seconds between reads of the current round's DHT keys
+SLOW_POLL_EVERY = 3  # the head and the next round's members are read every this many polls
 HEAD_TTL = 24 * 3600.0  # seconds a published Commit stays in the DHT
 
 
@@ -154,6 +155,7 @@ class RoundRunner:
         self._last_encoded: str | None = None
         self._kept: tuple[dict[str, torch.Tensor], int] | None = None  # carried delta, its samples
         self._vote_envelopes: dict[tuple[int, str], bytes] = {}  # (round, voter) -> signed vote
+        self._commit_records: dict[str, bytes] = {}  # version id -> record, from received Commits
         self._candidates: dict[str, _Candidate] = {}
         self._eval_cache: dict[str, dict[str, float]] = {}
         self._bytes_mark = (0, 0)
@@ -216,9 +218,12 @@ class RoundRunner:
             known.last_round = max(known.last_round, msg.round)
 
     def _libp2p_for(self, peer_ids) -> list[str]:
-        """libp2p ids of these peers (known ones first), then every other peer we know."""
-        first = [self._peers[p].libp2p_id for p in peer_ids if p in self._peers]
-        rest = [p.libp2p_id for k, p in self._peers.items() if p.libp2p_id not in first and k != self.node.identity.peer_id]
+        """libp2p ids of these peers, then every other peer we know; most recently seen first."""
+        me = self.node.identity.peer_id
+        recent = sorted(((p.last_round, k) for k, p in self._peers.items() if k != me), reverse=True)
+        wanted = set(peer_ids)
+        first = [self._peers[k].libp2p_id for _, k in recent if k in wanted]
+        rest = [self._peers[k].libp2p_id for _, k in recent if k not in wanted]
         return first + rest
 
     # ------------------------------------------------------------------------------ main loop
@@ -333,12 +338,15 @@ class RoundRunner:
 
     async def _poll_loop(self) -> None:
         """Read the current round's keys (and the next round's members, and the head) forever."""
+        polls = 0
         while True:
             machine = self.machine
             r = machine.round if machine is not None else None
             if r is not None:
                 keys = [f"{self.prefix}/r/{r}/{k}" for k in ("members", "deltas", "proposal", "votes")]
-                keys += [f"{self.prefix}/r/{r + 1}/members", f"{self.prefix}/head"]
+                if polls % SLOW_POLL_EVERY == 0:  # catching up and skipping ahead need no hurry
+                    keys += [f"{self.prefix}/r/{r + 1}/members", f"{self.prefix}/head"]
+                polls += 1
                 results = await asyncio.gather(*(self._fetch_key(k) for k in keys))
                 for records in results:
                     for subkey, value in records.items():
@@ -363,6 +371,8 @@ class RoundRunner:
             self._announced[msg.delta_hash] = msg
         elif isinstance(msg, Vote):
             self._vote_envelopes[(msg.round, msg.voter)] = value
+        elif isinstance(msg, Commit):
+            self._note_commit(msg)
         self._post(rm.MessageReceived(time.time(), msg, signer))
 
     # ------------------------------------------------------------------------------ actions
@@ -406,6 +416,8 @@ class RoundRunner:
                 del self._delta_bytes[h]
                 self.node.transport.drop_blob(h)
                 self._own_raw.pop(h, None)
+        for key in [k for k in self._vote_envelopes if k[0] < a.round - 16]:
+            del self._vote_envelopes[key]
         logger.info("entered round", round=a.round, base=a.base_version[:12])
 
     async def _train(self, a: rm.StartTraining) -> None:
@@ -631,7 +643,23 @@ class RoundRunner:
             **{k: v for k, v in entry.items() if k.endswith("_s") or k.startswith("bytes")},
         )
 
+    def _note_commit(self, msg: Commit) -> None:
+        """Keep a received Commit's record and signed votes: we may be asked to republish it."""
+        vid = hashlib.sha256(msg.version_record).hexdigest()  # a version's id is the hash of its record
+        self._commit_records[vid] = msg.version_record
+        for envelope in msg.certificate:
+            try:
+                vote, signer = open_signed(envelope, Vote)
+            except RemoteProtocolError:
+                continue
+            if signer == vote.voter:
+                self._vote_envelopes.setdefault((vote.round, vote.voter), envelope)
+        while len(self._commit_records) > 8:
+            self._commit_records.pop(next(iter(self._commit_records)))
+
     async def _publish_commit(self, a: rm.PublishCommit, record: bytes | None) -> None:
+        if record is None:
+            record = self._commit_records.get(a.version_id)
         if record is None:
             record = await asyncio.to_thread(self.node.store.read_object, a.version_id)
         certificate = self._certificate(a.round, a.votes)

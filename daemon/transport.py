@@ -62,6 +62,7 @@ __all__ = [
     "HashMismatch",
     "RemoteProtocolError",
     "FetchTimeout",
+    "PeerUnreachable",
     "object_id",
     "dht_time",
     "expiration_in",
@@ -138,6 +139,14 @@ class RemoteProtocolError(FetchError):
     """The peer broke the stream protocol (bad status byte, size changing between attempts)."""
 
 
+class PeerUnreachable(FetchError):
+    """Several attempts in a row got no byte from the peer (it is gone, or p2pd cannot reach it)."""
+
+    def __init__(self, peer: str, oid: str, attempts: int, last: str):
+        self.attempts = attempts
+        super().__init__(peer, oid, f"unreachable: {attempts} attempts without a byte ({last})")
+
+
 class FetchTimeout(FetchError):
     """The deadline passed before the whole object arrived; `received` bytes had arrived."""
 
@@ -175,6 +184,7 @@ class TransportLimits:
     fetch_timeout: float = 120.0  # default overall deadline of one call_fetch (seconds)
     retry_backoff: float = 0.2  # first pause between fetch attempts (seconds), doubled each time
     max_retry_backoff: float = 3.0  # longest pause between fetch attempts (seconds)
+    max_stalled_attempts: int = 3  # attempts in a row without a byte before the peer counts as gone
 
 
 class ByteCounters:
@@ -501,6 +511,7 @@ class Transport:
 
         Raises:
             ObjectNotFound, ObjectTooLarge, HashMismatch, RemoteProtocolError: not retried.
+            PeerUnreachable: `max_stalled_attempts` attempts in a row brought no byte.
             FetchTimeout: the deadline passed (after retries with backoff).
         """
         peer_id = _peer(peer)
@@ -510,7 +521,7 @@ class Transport:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         state = _FetchState(hashlib.sha256(), bytearray(), None)
-        attempts, backoff, last = 0, self.limits.retry_backoff, "no attempt"
+        attempts, stalled, backoff, last = 0, 0, self.limits.retry_backoff, "no attempt"
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -531,7 +542,11 @@ class Transport:
             if done:
                 break
             if len(state.buf) > before:
-                backoff = self.limits.retry_backoff  # progress was made: the link works, retry soon
+                stalled, backoff = 0, self.limits.retry_backoff  # progress: the link works, retry soon
+            else:
+                stalled += 1
+                if stalled >= self.limits.max_stalled_attempts:
+                    raise PeerUnreachable(peer_name, oid, attempts, last)
             logger.debug("fetch retry", oid=oid[:12], peer=peer_name[:16], offset=len(state.buf), why=last)
             await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
             backoff = min(backoff * 2, self.limits.max_retry_backoff)

@@ -29,6 +29,7 @@ from p2pmodel.daemon.transport import (
     HashMismatch,
     ObjectNotFound,
     ObjectTooLarge,
+    PeerUnreachable,
     RecordRejected,
     Transport,
     TransportLimits,
@@ -176,6 +177,16 @@ async def test_object_bytes_are_counted_per_kind_on_both_sides(server, client, f
     await client.call_fetch(server.peer_id, oid, max_size=len(data), kind="counted")
     assert server.counters.snapshot()["counted"]["sent"] == len(data)
     assert client.counters.snapshot()["counted"]["received"] == len(data)
+
+
+async def test_fetch_from_a_departed_peer_fails_fast_as_unreachable(server, client):
+    gone = await Transport.create(initial_peers=await server.visible_maddrs())
+    oid = gone.put_blob(b"soon unreachable" * 100)
+    await gone.shutdown()
+    started = time.monotonic()
+    with pytest.raises(PeerUnreachable):
+        await client.call_fetch(gone.peer_id, oid, max_size=1 << 20, timeout=60)
+    assert time.monotonic() - started < 30  # gave up on the peer long before the deadline
 
 
 # ---------------------------------------------------------------------------- stock bootstrap
