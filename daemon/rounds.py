@@ -259,11 +259,26 @@ class RoundRunner:
         await self._drain()
 
     def stop_accepting(self) -> None:
-        """Leave: the machine gets Stop (it publishes a Departure) and the loop ends."""
+        """Leave: the machine gets Stop (it publishes a Departure) and the loop ends.
+
+        A round we already voted in (or are merging for) gets up to half the shutdown timeout
+        to commit first, so that our vote still counts; training is abandoned at once.
+        """
         if self._accepting:
             self._accepting = False
             self.node.trainer.stop()
-            self.events.put_nowait(rm.Stop(time.time()))
+            m = self.machine
+            if m is not None and m.phase in (rm.Phase.MERGING, rm.Phase.VOTED):
+                self._spawn(self._stop_after_round(m.round, self.node.config.shutdown_timeout / 2), "finish round")
+            else:
+                self.events.put_nowait(rm.Stop(time.time()))
+
+    async def _stop_after_round(self, round_: int | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.machine is not None and self.machine.round == round_:
+            await asyncio.sleep(0.1)
+        logger.info("leaving", finished_round=self.machine is not None and self.machine.round != round_)
+        self.events.put_nowait(rm.Stop(time.time()))
 
     async def depart(self) -> None:
         """Called by the node's shutdown: make sure a Departure went out, then stop background work."""

@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--rounds", type=int, default=4, help="rounds each node takes part in before leaving")
     demo.add_argument("--dir", default=None, help="folder for the nodes' homes (default: a temporary folder)")
     demo.add_argument("--inner-steps", type=int, default=30, help="inner AdamW steps per round")
+    demo.add_argument("--device", default="cpu", help="training device of every node: cpu, cuda or auto")
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds before the demo gives up")
     demo.set_defaults(func=cmd_demo)
 
@@ -121,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     exe = [sys.executable, "-c", "import sys; from p2pmodel.cli import main; sys.exit(main())"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cpu = max(1, (os.cpu_count() or 2) // args.nodes)
-    common = ["--event", str(event_path), "--status-port", "0", "--device", "cpu", "--cpu-threads", str(cpu)]
+    common = ["--event", str(event_path), "--status-port", "0", "--device", args.device, "--cpu-threads", str(cpu)]
     common += ["--max-rounds", str(args.rounds)]
     procs: list[subprocess.Popen] = []
     logs = []
