@@ -104,6 +104,7 @@ class RoundConfig:
     collect_window: float = 60.0  # seconds from entering a round to the first proposer's slot
     proposal_timeout: float = 10.0  # seconds each proposer rank waits before the next takes over
     round_deadline: float = 240.0  # seconds from entering a round until it fails if nothing committed
+    early_close: bool = True  # close the collect window once every expected delta is in
     commit_publishers: int = 3  # the proposer and the next best-ranked members publish each Commit
     quorum: Fraction = Fraction(2, 3)  # share of members (and of the electorate) that must sign
     max_members: int = MAX_MEMBERS  # announcements accepted per round; later ones are dropped
@@ -471,6 +472,7 @@ class _RoundView:
         self.slots: dict[str, int] = {}  # proposer -> rank, cached until members change
         self.ahead_of_me = 0  # live members ranked before us (kept incrementally: asked every event)
         self.my_key = b""
+        self.closed_at: float | None = None  # when every expected delta was in (early close)
 
     def add_member(self, peer_id: str) -> None:
         self.members.add(peer_id)
@@ -1007,19 +1009,56 @@ class RoundMachine:
         if now >= v.t0 + self.config.round_deadline:
             self._fail(now, "deadline", v.round + 1, RoundTimedOut, out)
             return
-        if now < v.t0 + self.config.collect_window:
+        if v.closed_at is None and self.config.early_close and self._everyone_delivered():
+            v.closed_at = now
+        if now < self._collect_end():
+            self._maybe_adopt(now, out)  # only a complete proposal is eligible this early
+            self._maybe_merge(out)
             return  # nobody may propose yet
         self._maybe_merge(out)  # may drop an unfetchable candidate ...
         self._maybe_propose(now, out)  # ... which lets a worse-ranked proposer speak
         self._maybe_adopt(now, out)
         self._maybe_merge(out)
 
+    def _expected(self) -> set[str]:
+        """Peers whose delta we wait for: the electorate and this round's members, less departures."""
+        v = self._view
+        assert v is not None
+        return (self.electorate | v.members) - v.departed
+
+    def _everyone_delivered(self) -> bool:
+        """Every expected peer announced a delta and we hold it: the collect window may close early.
+
+        Waiting out `collect_window` is needed only for peers that are slow or gone; when all
+        of the electorate and every announced member delivered, waiting adds nothing but idle
+        time (it was most of the round before this rule). A crashed electorate member keeps
+        the window open, so the rule never shortens a round that has someone to wait for.
+        """
+        v = self._view
+        assert v is not None
+        for p in self._expected():
+            a = v.deltas.get(p)
+            if a is None or v.fetch.get(a.delta_hash) is not True:
+                return False
+        return True
+
+    def _collect_end(self) -> float:
+        v = self._view
+        assert v is not None
+        end = v.t0 + self.config.collect_window
+        return end if v.closed_at is None else min(end, v.closed_at)
+
+    def _is_complete(self, prop: Proposal) -> bool:
+        """A proposal that merges a delta from every member, and names everyone we expect."""
+        members = set(prop.members)
+        return {d.peer_id for d in prop.deltas} >= members and members >= self._expected()
+
     def _slot(self, proposer: str) -> float:
         """When `proposer` may propose, by its rank among the members we know."""
         v = self._view
         assert v is not None
         rank = v.rank(proposer, self.peer.peer_id)
-        return v.t0 + self.config.collect_window + rank * self.config.proposal_timeout
+        return self._collect_end() + rank * self.config.proposal_timeout
 
     def _rank_key(self, proposer: str) -> bytes:
         v = self._view
@@ -1063,7 +1102,8 @@ class RoundMachine:
             return
         best: tuple[bytes, str] | None = None
         for proposer, (p, h) in v.proposals.items():
-            if proposer in v.bad_proposers or now < self._slot(proposer):
+            early = self.config.early_close and self._is_complete(p)
+            if proposer in v.bad_proposers or (now < self._slot(proposer) and not early):
                 continue
             cand = (self._rank_key(proposer), h)
             if best is None or cand < best:

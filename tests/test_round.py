@@ -53,7 +53,10 @@ from p2pmodel.protocols.sim import sim_peer_info
 
 R = 5  # the round every test runs (head committed in round 4)
 BASE = "ab" * 32
-CFG = RoundConfig(collect_window=30.0, proposal_timeout=5.0, round_deadline=90.0)
+# Most tests exercise the collect window and proposer rotation, so the window never closes early
+# in them; the early-close tests use EARLY.
+CFG = RoundConfig(collect_window=30.0, proposal_timeout=5.0, round_deadline=90.0, early_close=False)
+EARLY = RoundConfig(collect_window=30.0, proposal_timeout=5.0, round_deadline=90.0)
 PEERS = [sim_peer_info(i) for i in range(6)]
 IDS = [p.peer_id for p in PEERS]
 ELECTORATE = frozenset(IDS[:4])
@@ -73,8 +76,8 @@ def open_plain(data: bytes):
     return vote, vote.voter
 
 
-def machine(peer_id: str = ORDER[0], electorate: frozenset[str] = ELECTORATE, **kw) -> RoundMachine:
-    m = RoundMachine(INFO[peer_id], CFG, open_vote=kw.pop("open_vote", open_plain))
+def machine(peer_id: str = ORDER[0], electorate: frozenset[str] = ELECTORATE, cfg=CFG, **kw) -> RoundMachine:
+    m = RoundMachine(INFO[peer_id], cfg, open_vote=kw.pop("open_vote", open_plain))
     m.process(Start(0.0, BASE, R - 1, electorate))
     return m
 
@@ -292,6 +295,47 @@ def test_best_ranked_member_proposes_at_the_collect_deadline_with_its_fetched_de
     assert prop.proposer == ORDER[0] and prop.members == tuple(sorted(IDS[:4]))
     assert [d.peer_id for d in prop.deltas] == sorted(IDS[:4])
     assert of(acts, Merge) and m.phase is Phase.MERGING
+
+
+def test_best_ranked_member_proposes_as_soon_as_every_expected_delta_is_in():
+    m = machine(ORDER[0], cfg=EARLY)
+    acts = []
+    for pid in [p for p in IDS[:4] if p != ORDER[0]]:
+        m.process(announce(pid))
+        for a in of(m.process(delta_ann(pid)), FetchDelta):
+            acts = m.process(DeltaFetched(3.0, a.delta_hash, True))
+        assert not of(acts, Publish)  # our own delta is still missing
+    acts = m.process(TrainingDone(4.0, delta_hash(ORDER[0]), 10, 100))
+    (prop,) = [a.message for a in of(acts, Publish) if isinstance(a.message, Proposal)]
+    assert [d.peer_id for d in prop.deltas] == sorted(IDS[:4]) and prop.time == 4.0
+
+
+def test_window_stays_open_while_an_electorate_member_has_not_delivered():
+    m = machine(ORDER[0], cfg=EARLY)
+    full_round_to_merge(m, ORDER[0], others=[ORDER[1], ORDER[2]])  # ORDER[3] is silent
+    assert not of(m.process(Tick(29.9)), Publish)
+    acts = m.process(Tick(30.0))
+    (prop,) = [a.message for a in of(acts, Publish) if isinstance(a.message, Proposal)]
+    assert ORDER[3] not in prop.members
+
+
+def test_complete_proposal_is_adopted_before_its_slot_opens():
+    m = machine(ORDER[1], cfg=EARLY)
+    full_round_to_merge(m, ORDER[1], others=[ORDER[0], ORDER[2]])  # ORDER[3]'s delta not yet fetched here
+    m.process(announce(ORDER[3]))
+    acts = m.process(MessageReceived(5.0, proposal(ORDER[0]), ORDER[0]))
+    assert m.phase is Phase.MERGING and of(acts, FetchDelta)
+
+
+def test_incomplete_proposal_waits_for_its_slot():
+    m = machine(ORDER[1], cfg=EARLY)
+    full_round_to_merge(m, ORDER[1], others=[ORDER[0], ORDER[2]])
+    m.process(announce(ORDER[3]))  # a member whose delta nobody has yet
+    members = tuple(sorted(IDS[:4]))
+    partial = proposal(ORDER[0], deltas=[ProposalDelta(p, delta_hash(p), 10.0) for p in members if p != ORDER[3]])
+    m.process(MessageReceived(5.0, partial, ORDER[0]))
+    assert m.phase is Phase.COLLECTING
+    assert of(m.process(Tick(30.0)), Merge)
 
 
 def test_second_ranked_member_waits_one_proposal_timeout():

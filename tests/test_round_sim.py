@@ -103,7 +103,7 @@ def test_minority_side_of_a_partition_syncs_the_majority_commits_after_healing()
 
 
 def test_peer_that_joins_late_builds_on_the_current_head_and_commits():
-    cfg = SimConfig(n_peers=6, rounds=4, joins=((5, 100.0),))
+    cfg = SimConfig(n_peers=6, rounds=4, joins=((5, 30.0),))
     result = Simulation(cfg).run()
     assert len(result.commits[5]) >= 1
     first = min(result.commits[5])
