@@ -80,6 +80,7 @@ class EventConfig:
     seeder: str = ""  # peer id of the swarm's founder: the electorate of the seed version
     collect_window: float = 30.0  # seconds from entering a round to the first proposer's slot
     proposal_timeout: float = 10.0  # seconds each proposer rank waits before the next takes over
+    min_members: int = 1  # a round closes before its collect window only once this many peers delivered
     round_deadline: float = 180.0  # seconds from entering a round until it fails if nothing committed
     ci_max_regression: float = 0.10  # a version whose eval loss exceeds base's by more than this fraction fails CI
     max_delta_bytes: int = 256 * 1024 * 1024  # largest encoded delta a peer accepts (bytes)

@@ -131,6 +131,7 @@ class RoundRunner:
             collect_window=node.event.collect_window,
             proposal_timeout=node.event.proposal_timeout,
             round_deadline=node.event.round_deadline,
+            min_members=node.event.min_members,
             method=node.event.merge_method,
             params=tuple(sorted(node.event.merge_params.items())),
         )

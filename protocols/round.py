@@ -26,7 +26,8 @@ consensus argument of Raft's membership change). Corollaries:
 
 - a commit for a round or base we cannot check fully (we fell behind) is adopted when at
   least ``|E| - ceil(2/3 |E|) + 1`` of *our* electorate signed it: one of them is honest;
-- the same weak quorum of E announcing a later round makes a peer jump to that round;
+- the same weak quorum of E publishing deltas or votes for a later round makes a peer jump
+  to that round (announcements alone do not: a peer catching up announces a round ahead);
 - if more than a third of E vanishes at once, rounds stop committing until they return.
 """
 
@@ -105,6 +106,7 @@ class RoundConfig:
     proposal_timeout: float = 10.0  # seconds each proposer rank waits before the next takes over
     round_deadline: float = 240.0  # seconds from entering a round until it fails if nothing committed
     early_close: bool = True  # close the collect window once every expected delta is in
+    min_members: int = 1  # early close also waits until this many peers are expected (the event's group size)
     commit_publishers: int = 3  # the proposer and the next best-ranked members publish each Commit
     quorum: Fraction = Fraction(2, 3)  # share of members (and of the electorate) that must sign
     max_members: int = MAX_MEMBERS  # announcements accepted per round; later ones are dropped
@@ -628,7 +630,7 @@ class RoundMachine:
     def _on_Start(self, ev: Start, out: list[Action]) -> None:
         self.head_version, self.head_round, self.electorate = ev.head_version, ev.head_round, ev.electorate
         self._move(Start)
-        self._enter(self._next_round_after(ev.head_round), ev.now, out)
+        self._enter(self._next_round_after(ev.head_round), ev.now, out, catching_up=True)
 
     def _on_Stop(self, ev: Stop, out: list[Action]) -> None:
         r = self._view.round if self._view else 0
@@ -988,7 +990,7 @@ class RoundMachine:
         self._sync = None
         self.counters["rounds_committed"] += 1
         self._move(QuorumReached)
-        self._enter(max(s.round + 1, v.round), now, out)
+        self._enter(max(s.round + 1, v.round), now, out, catching_up=True)
 
     # ---- time and progress -------------------------------------------------------------
 
@@ -1036,7 +1038,10 @@ class RoundMachine:
         """
         v = self._view
         assert v is not None
-        for p in self._expected():
+        expected = self._expected()
+        if len(expected) < self.config.min_members:
+            return False
+        for p in expected:
             a = v.deltas.get(p)
             if a is None or v.fetch.get(a.delta_hash) is not True:
                 return False
@@ -1190,7 +1195,14 @@ class RoundMachine:
     def _next_round_after(self, head_round: int | None) -> int:
         return 0 if head_round is None else head_round + 1
 
-    def _enter(self, round_: int, now: float, out: list[Action]) -> None:
+    def _enter(self, round_: int, now: float, out: list[Action], catching_up: bool = False) -> None:
+        """Enter `round_` on the current head.
+
+        `catching_up`: we joined or synced a commit we did not vote on, so the others may
+        close this round before our announcement reaches them (with early close, a fast
+        swarm would then never wait for us). We also announce for the next round, where
+        they will count us as an expected member and wait for our delta.
+        """
         assert self.head_version is not None
         horizon = round_ - self.config.future_rounds
         for asked in (self._fetch_asked, self._merge_asked, self._sync_asked):
@@ -1200,6 +1212,8 @@ class RoundMachine:
         self._view = v = _RoundView(round_, self.head_version, now)
         out.append(EnterRound(round_, v.base))
         out.append(Publish(self._announcement(round_, now)))
+        if catching_up:
+            out.append(Publish(self._announcement(round_ + 1, now)))
         v.my_key = proposer_rank_key(round_, self.peer.peer_id)
         v.add_member(self.peer.peer_id)
         if prev is not None and prev.round == round_:
@@ -1244,9 +1258,11 @@ class RoundMachine:
         self._future.setdefault(r, []).append((msg, sender))
         self._future_count += 1
         self.counters["buffered_future"] += 1
-        if isinstance(msg, PeerAnnouncement) and msg.peer_id in self.electorate:
+        # Deltas and votes, not announcements: a peer that catches up announces for the next
+        # round ahead of time (see `_enter`), which says nothing about where the others are.
+        if isinstance(msg, (DeltaAnnouncement, Vote)) and sender in self.electorate:
             seen = self._future_announcers.setdefault(r, set())
-            seen.add(msg.peer_id)
+            seen.add(sender)
             if len(seen) >= weak_quorum(len(self.electorate), self.config.quorum) and self.phase in (
                 Phase.COLLECTING, Phase.MERGING, Phase.VOTED,
             ):  # fmt: skip

@@ -516,9 +516,18 @@ def test_commit_certificate_with_a_forged_vote_is_not_counted():
 
 def test_weak_quorum_of_the_electorate_in_a_later_round_makes_us_jump():
     m = machine(ORDER[3])
-    m.process(announce(ORDER[0], round_=R + 3, now=5.0))
-    acts = m.process(announce(ORDER[1], round_=R + 3, now=5.0))
+    m.process(delta_ann(ORDER[0], round_=R + 3, now=5.0))
+    acts = m.process(delta_ann(ORDER[1], round_=R + 3, now=5.0))
     assert of(acts, RoundFailed) == [RoundFailed(R, "skipped")] and m.round == R + 3
+
+
+def test_announcements_for_a_later_round_alone_do_not_make_us_jump():
+    # A peer that catches up announces for the next round ahead of time; that is no sign the others moved on.
+    m = machine(ORDER[3])
+    for pid in ORDER[:3]:
+        acts = m.process(announce(pid, round_=R + 1, now=5.0))
+        assert not of(acts, RoundFailed)
+    assert m.round == R
 
 
 def test_next_deadline_is_never_in_the_past():
@@ -527,3 +536,18 @@ def test_next_deadline_is_never_in_the_past():
     m.process(MessageReceived(30.5, proposal(ORDER[0]), ORDER[0]))
     m.process(Tick(36.0))
     assert m.next_deadline() > 36.0
+
+
+def test_window_stays_open_until_the_event_group_size_is_expected():
+    cfg = RoundConfig(collect_window=30.0, proposal_timeout=5.0, round_deadline=90.0, min_members=5)
+    m = machine(ORDER[0], cfg=cfg)
+    full_round_to_merge(m, ORDER[0])  # all four of the electorate delivered, but the event wants five
+    assert not of(m.process(Tick(29.9)), Publish)
+    assert of(m.process(Tick(30.0)), Publish)
+
+
+def test_a_peer_that_catches_up_also_announces_for_the_next_round():
+    m = RoundMachine(INFO[ORDER[0]], EARLY, open_vote=open_plain)
+    acts = m.process(Start(0.0, BASE, R - 1, ELECTORATE))
+    rounds = sorted(a.message.round for a in of(acts, Publish) if isinstance(a.message, PeerAnnouncement))
+    assert rounds == [R, R + 1]

@@ -99,13 +99,14 @@ class DemoError(P2PModelError):
         super().__init__(f"demo failed: {reason}")
 
 
-def _demo_event(inner_steps: int) -> dict:
+def _demo_event(inner_steps: int, nodes: int) -> dict:
     # Short windows sized for a loaded 2-core machine: a round is ~training + collect window.
     return {
         "name": "demo",
         "inner_steps": inner_steps,
         "collect_window": 25.0,
         "proposal_timeout": 8.0,
+        "min_members": nodes,  # every round waits for all demo nodes (up to the collect window)
         "round_deadline": 150.0,
         "codec": {"encoder": "topk", "density": 0.05, "value_bits": 8},
         "task_options": {"train_bytes": 300_000, "eval_batches": 4},
@@ -118,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = Path(args.dir or tempfile.mkdtemp(prefix="p2pmodel-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     event_path = root / "event.json"
-    event_path.write_text(json.dumps(_demo_event(args.inner_steps), indent=2))
+    event_path.write_text(json.dumps(_demo_event(args.inner_steps, args.nodes), indent=2))
     exe = [sys.executable, "-c", "import sys; from p2pmodel.cli import main; sys.exit(main())"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cpu = max(1, (os.cpu_count() or 2) // args.nodes)
