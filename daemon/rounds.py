@@ -43,7 +43,7 @@ from p2pmodel.daemon.sync import CertifiedVersion, SyncError, sync_version, veri
 from p2pmodel.daemon.transport import FetchError, TransportError, expiration_in
 from p2pmodel.errors import P2PModelError
 from p2pmodel.lineage import Annotations, LineageError, Version
-from p2pmodel.merge import merge_deltas
+from p2pmodel.merge import METHODS, merge_deltas
 from p2pmodel.protocols import round as rm
 from p2pmodel.protocols.codec import CodecConfig, DeltaCodec
 from p2pmodel.protocols.errors import RemoteProtocolError
@@ -575,12 +575,14 @@ class RoundRunner:
         base = store.state_dict(p.base_version)
         decoded = [self.codec.decode(self._delta_bytes[d.delta_hash][1], base_version.tensors) for d in p.deltas]
         weights = [d.weight for d in p.deltas]
+        method = METHODS.get(p.method)  # an unknown name fails in merge_deltas with its typed error
+        weighted = method is not None and method.param("weights") is not None  # median & co. take no weights
         params = dict(p.params)
         merged = {}
         for name, t in base.items():
             # tensors absent from a payload are zero deltas (the codec's rule)
             parts = [d[name].to(torch.float32) if name in d else torch.zeros_like(t, dtype=torch.float32) for d in decoded]
-            merged[name] = merge_deltas(p.method, parts, weights=weights, seed=p.round, name=name, **params)
+            merged[name] = merge_deltas(p.method, parts, weights=weights if weighted else None, seed=p.round, name=name, **params)
             if not torch.isfinite(merged[name]).all():
                 raise ValueError(f"merged delta of {name} is not finite")
         momentum = {k: store.get_tensor(e) for k, e in base_version.optimizer_state.items()} or None
@@ -716,8 +718,8 @@ class RoundRunner:
     def status(self) -> dict[str, Any]:
         m = self.machine
         members = []
-        if m is not None and m._view is not None:  # read-only peek for the status page
-            members = sorted(m._view.members)
+        if m is not None:
+            members = sorted(m.members)
         head_eval = self._eval_cache.get(self.head, {}).get("eval_loss")
         return {
             "round": m.round if m is not None else None,

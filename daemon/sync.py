@@ -18,7 +18,6 @@ indexed oldest first, so the store never holds a version whose parents or tensor
 from __future__ import annotations
 
 import asyncio
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -28,6 +27,7 @@ from p2pmodel.errors import P2PModelError
 from p2pmodel.lineage import Annotations, LineageError, LineageStore, Version
 from p2pmodel.protocols.errors import RemoteProtocolError as WireError
 from p2pmodel.protocols.messages import MAX_RECORD, Commit, Vote
+from p2pmodel.protocols.round import quorum
 from p2pmodel.protocols.signing import open_signed
 
 __all__ = ["SyncError", "CertifiedVersion", "quorum", "verify_commit", "sync_version"]
@@ -44,11 +44,6 @@ class SyncError(P2PModelError):
     def __init__(self, version_id: str, reason: str):
         self.version_id, self.reason = version_id, reason
         super().__init__(f"cannot sync version {version_id[:12]}: {reason}")
-
-
-def quorum(members: int) -> int:
-    """Votes needed to commit: ceil(2/3 * members)."""
-    return math.ceil(2 * members / 3)
 
 
 @dataclass(frozen=True)

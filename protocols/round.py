@@ -566,6 +566,12 @@ class RoundMachine:
     # ---- public ------------------------------------------------------------------------
 
     @property
+    def members(self) -> frozenset[str]:
+        """Live members of the current round as this peer knows them (for status pages)."""
+        v = self._view
+        return frozenset() if v is None else frozenset(v.members - v.departed)
+
+    @property
     def round(self) -> int | None:
         """The round we are in (None before Start)."""
         return self._view.round if self._view else None
