@@ -5,7 +5,7 @@ Map (source folder `protocols/`, installed as `p2pmodel.protocols`):
 - `errors.py`       — `ProtocolError`; `LocalProtocolError` (our bug) vs `RemoteProtocolError`
                       (the peer misbehaved: drop the record, count it, keep running).
 - `messages.py`     — every wire message as a frozen dataclass; msgpack envelope with a protocol
-                      version; size limits per message type in one place (`LIMITS`).
+                      version (`schema.py`: the field checks; `limits.py`: every size bound).
 - `signing.py`      — Ed25519 peer identities and signed envelopes (`sign`, `open_signed`).
 - `codec.py`        — `DeltaCodec` and `ErrorFeedback`: compressed parameter deltas
   (`quant.py`, `sparse.py`, `delta_format.py`, `codec_errors.py` hold its parts).
