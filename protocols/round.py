@@ -1096,6 +1096,8 @@ class RoundMachine:
             for p, a in sorted(v.deltas.items())
             if p in members and v.fetch.get(a.delta_hash) is True
         )
+        if not deltas:
+            return  # nothing to merge yet (training slower than the window): propose when a delta is in
         prop = Proposal(
             round=v.round, base_version=v.base, proposer=me, members=tuple(members), deltas=deltas,
             time=max(now, 0.0), method=self.config.method, params=dict(self.config.params),

@@ -551,3 +551,14 @@ def test_a_peer_that_catches_up_also_announces_for_the_next_round():
     acts = m.process(Start(0.0, BASE, R - 1, ELECTORATE))
     rounds = sorted(a.message.round for a in of(acts, Publish) if isinstance(a.message, PeerAnnouncement))
     assert rounds == [R, R + 1]
+
+
+def test_no_proposal_without_a_delta_to_merge():
+    m = machine(ORDER[0])
+    for pid in IDS[:4]:
+        if pid != ORDER[0]:
+            m.process(announce(pid))
+    assert not of(m.process(Tick(30.0)), Publish)  # nobody's training has finished
+    acts = m.process(TrainingDone(31.0, delta_hash(ORDER[0]), 10, 100))
+    (prop,) = [a.message for a in of(acts, Publish) if isinstance(a.message, Proposal)]
+    assert [d.peer_id for d in prop.deltas] == [ORDER[0]]
