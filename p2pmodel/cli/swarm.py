@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser("demo", help="run a local 3-node swarm for a few rounds and show the lineage")
     demo.add_argument("--nodes", type=int, default=3, help="number of nodes (separate processes)")
-    demo.add_argument("--rounds", type=int, default=4, help="rounds each node takes part in before leaving")
+    demo.add_argument("--rounds", type=int, default=6, help="rounds each node takes part in before leaving")
     demo.add_argument("--dir", default=None, help="folder for the nodes' homes (default: a temporary folder)")
     demo.add_argument("--inner-steps", type=int, default=30, help="inner AdamW steps per round")
     demo.add_argument("--device", default="cpu", help="training device of every node: cpu, cuda or auto")
