@@ -513,6 +513,7 @@ class _SyncTarget:
     votes: tuple[Vote, ...]
     have_version: bool
     members: frozenset[str] | None  # of the committed proposal, once known
+    await_merge_until: float | None = None  # our own merge of it is running: wait for it until then
 
 
 class RoundMachine:
@@ -598,6 +599,8 @@ class RoundMachine:
     def next_deadline(self) -> float | None:
         """The time at which the next Tick must arrive (None: nothing is timed)."""
         v = self._view
+        if self.phase is Phase.SYNCING and self._sync is not None:
+            return self._sync.await_merge_until
         if v is None or self.phase in (Phase.IDLE, Phase.STOPPED, Phase.SYNCING):
             return None
         times = [v.t0 + self.config.round_deadline]
@@ -682,6 +685,8 @@ class RoundMachine:
             self._count("stale_results")
             return
         v.computed[ev.version_id] = ev.proposal_hash
+        if self._merge_settles_sync(ev.proposal_hash, ev.version_id, out):
+            return
         if ev.proposal_hash != v.candidate or v.vote is not None or self.phase is not Phase.MERGING:
             return  # superseded by a better proposal, or we already voted
         vote = Vote(
@@ -696,6 +701,8 @@ class RoundMachine:
     def _on_MergeFailed(self, ev: MergeFailed, out: list[Action]) -> None:
         v = self._view
         assert v is not None
+        if self._merge_settles_sync(ev.proposal_hash, None, out):
+            return
         if ev.proposal_hash != v.candidate or self.phase is not Phase.MERGING:
             self._count("stale_results")
             return
@@ -961,15 +968,47 @@ class RoundMachine:
         v = self._view
         assert v is not None
         have = base == v.base and vid in v.computed
+        # Our merge of this very proposal is still running: its result is most likely the
+        # committed version, and waiting for it is far cheaper than fetching every tensor.
+        in_flight = not have and base == v.base and ph in v.merge_asked and ph not in v.computed.values()
         prop = self._proposal_by_hash(ph)
+        if not have and ph not in v.merge_asked and base == v.base and prop is not None and prop.deltas:
+            if all(v.fetch.get(d.delta_hash) is True for d in prop.deltas):
+                # We hold every delta it merges (small), so merging beats fetching all tensors.
+                v.merge_asked.add(ph)
+                self._merge_asked[ph] = v.round
+                out.append(Merge(prop, ph))
+                in_flight = True
         self._sync = _SyncTarget(round_, vid, ph, base, votes, have, frozenset(prop.members) if prop else None)
-        if not have:
-            self._sync_asked[vid] = v.round
-            out.append(SyncVersion(vid, round_, tuple(sorted({x.voter for x in votes}))))
+        if in_flight:
+            self._sync.await_merge_until = now + self.config.proposal_timeout
+        elif not have:
+            self._request_sync(out)
         if prop is None and ph not in v.fetch_proposal_asked:
             v.fetch_proposal_asked.add(ph)
             out.append(FetchProposal(round_, ph))
         self._move(NeedSync)
+
+    def _request_sync(self, out: list[Action]) -> None:
+        s = self._sync
+        v = self._view
+        assert s is not None and v is not None
+        s.await_merge_until = None
+        self._sync_asked[s.version_id] = v.round
+        out.append(SyncVersion(s.version_id, s.round, tuple(sorted({x.voter for x in s.votes}))))
+
+    def _merge_settles_sync(self, proposal_hash: str, version_id: str | None, out: list[Action]) -> bool:
+        """Our merge that a sync waits for finished (`version_id` None: it failed). True if it was that."""
+        s = self._sync
+        if s is None or s.await_merge_until is None or proposal_hash != s.proposal_hash:
+            return False
+        if version_id == s.version_id:
+            s.await_merge_until = None
+            s.have_version = True
+        else:
+            self._count("merge_differs")  # our result is not what the quorum signed: fetch theirs
+            self._request_sync(out)
+        return True
 
     def _learn_members(self, p: Proposal) -> None:
         s = self._sync
@@ -1005,6 +1044,8 @@ class RoundMachine:
         if self.phase is Phase.SYNCING:
             s = self._sync
             assert s is not None
+            if s.await_merge_until is not None and now >= s.await_merge_until:
+                self._request_sync(out)  # our merge is late: fetch the committed version after all
             if s.have_version and s.members is not None:
                 self._finish_sync(now, out)
             return
@@ -1316,4 +1357,5 @@ _COUNTERS = (
     "commits_republished",  # our last Commit, published again for a peer still on the old head
     "rounds_committed",
     "rounds_failed",
+    "merge_differs",  # our own merge of the committed proposal gave another id: fetched theirs
 )

@@ -479,8 +479,8 @@ def test_stale_training_result_after_a_commit_is_kept_and_training_restarts():
     m = machine(ORDER[3])
     for pid in ORDER[:3]:
         m.process(announce(pid))
-    prop = proposal(ORDER[0], deltas=[])
-    m.process(MessageReceived(31.0, prop, ORDER[0]))
+    prop = proposal(ORDER[0], deltas=[ProposalDelta(ORDER[0], delta_hash(ORDER[0]), 10.0)])
+    m.process(MessageReceived(31.0, prop, ORDER[0]))  # adopted; its delta is still being fetched
     for pid in ORDER[:3]:  # the round commits while our training is still running
         acts = m.process(MessageReceived(33.0, vote(pid, prop), pid))
     assert of(acts, SyncVersion)
@@ -562,3 +562,48 @@ def test_no_proposal_without_a_delta_to_merge():
     acts = m.process(TrainingDone(31.0, delta_hash(ORDER[0]), 10, 100))
     (prop,) = [a.message for a in of(acts, Publish) if isinstance(a.message, Proposal)]
     assert [d.peer_id for d in prop.deltas] == [ORDER[0]]
+
+
+def _commit_while_merging(version: str = "cd" * 32):
+    """ORDER[3] merges ORDER[0]'s proposal; the other three commit `version` before it finishes."""
+    m = machine(ORDER[3])
+    full_round_to_merge(m, ORDER[3])
+    prop = proposal(ORDER[0])
+    (merge,) = of(m.process(MessageReceived(31.0, prop, ORDER[0])), Merge)
+    acts = []
+    for pid in ORDER[:3]:
+        acts += m.process(MessageReceived(32.0, vote(pid, prop, version), pid))
+    return m, merge, acts
+
+
+def test_commit_while_our_merge_runs_waits_for_it_instead_of_fetching():
+    m, merge, acts = _commit_while_merging()
+    assert not of(acts, SyncVersion) and m.phase is Phase.SYNCING
+    acts = m.process(MergeDone(33.0, merge.proposal_hash, "cd" * 32))
+    assert of(acts, CommitVersion) and not of(acts, SyncVersion) and m.round == R + 1
+
+
+def test_our_merge_giving_another_id_than_the_quorum_fetches_theirs():
+    m, merge, _ = _commit_while_merging()
+    acts = m.process(MergeDone(33.0, merge.proposal_hash, "ee" * 32))
+    assert of(acts, SyncVersion) and m.counters["merge_differs"] == 1
+
+
+def test_a_merge_slower_than_the_proposal_timeout_is_not_waited_for():
+    m, merge, _ = _commit_while_merging()
+    assert m.next_deadline() == pytest.approx(32.0 + CFG.proposal_timeout)
+    assert of(m.process(Tick(32.0 + CFG.proposal_timeout)), SyncVersion)
+
+
+def test_commit_of_a_proposal_whose_deltas_we_hold_is_merged_locally_not_fetched():
+    m = machine(ORDER[3])
+    full_round_to_merge(m, ORDER[3])  # every delta fetched; no proposal adopted yet
+    prop = proposal(ORDER[0])
+    m.process(MessageReceived(4.5, prop, ORDER[0]))  # seen, but its slot (t=30) has not opened here
+    assert m.phase is Phase.COLLECTING
+    acts = []
+    for pid in ORDER[:3]:
+        acts += m.process(MessageReceived(5.0, vote(pid, prop), pid))
+    assert of(acts, Merge) and not of(acts, SyncVersion)
+    acts = m.process(MergeDone(6.0, message_hash(prop), "cd" * 32))
+    assert of(acts, CommitVersion) and m.round == R + 1
