@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from p2pmodel.daemon.logs import Progress, get_logger
-from p2pmodel.daemon.sync import CertifiedVersion, SyncError, sync_version, verify_commit
+from p2pmodel.daemon.sync import CertifiedVersion, SyncError, commit_signers, sync_version, verify_commit
 from p2pmodel.daemon.transport import FetchError, TransportError, expiration_in
 from p2pmodel.errors import P2PModelError
 from p2pmodel.lineage import Annotations, LineageError, Version
@@ -48,6 +48,7 @@ from p2pmodel.protocols import round as rm
 from p2pmodel.protocols.codec import CodecConfig, DeltaCodec
 from p2pmodel.protocols.errors import RemoteProtocolError
 from p2pmodel.protocols.messages import (
+    MAX_RECORD,
     Commit,
     DeltaAnnouncement,
     Departure,
@@ -156,7 +157,6 @@ class RoundRunner:
         self._last_encoded: str | None = None
         self._kept: tuple[dict[str, torch.Tensor], int] | None = None  # carried delta, its samples
         self._vote_envelopes: dict[tuple[int, str], bytes] = {}  # (round, voter) -> signed vote
-        self._commit_records: dict[str, bytes] = {}  # version id -> record, from received Commits
         self._candidates: dict[str, _Candidate] = {}
         self._eval_cache: dict[str, dict[str, float]] = {}
         self._bytes_mark = (0, 0)
@@ -183,18 +183,22 @@ class RoundRunner:
         return frozenset(members) if members else frozenset({self.event.seeder})
 
     async def _newest_commit(self) -> CertifiedVersion | None:
-        records = await self._fetch_key(f"{self.prefix}/head")
-        best = None
-        for value in records.values():
+        """The newest commit in the DHT whose record a signer serves and whose certificate checks."""
+        commits = []
+        for value in (await self._fetch_key(f"{self.prefix}/head")).values():
             try:
-                msg, _ = open_signed(value, Commit)
-                certified = verify_commit(msg)
-            except (RemoteProtocolError, SyncError) as e:
+                commits.append(open_signed(value, Commit)[0])
+            except RemoteProtocolError as e:
                 logger.debug("ignoring head record", error=str(e))
-                continue
-            if best is None or certified.round > best.round:
-                best = certified
-        return best
+        for msg in sorted(commits, key=lambda c: c.round, reverse=True):
+            await self._learn_peers([msg.round, msg.round + 1])
+            peers = self._libp2p_for(commit_signers(msg))[:8]
+            try:
+                record = await self.node.transport.fetch_from_any(peers, msg.version_id, max_size=MAX_RECORD, kind="version", timeout=60)
+                return verify_commit(msg, record)
+            except (FetchError, SyncError) as e:
+                logger.debug("ignoring head record", round=msg.round, version=msg.version_id[:12], error=str(e))
+        return None
 
     async def _learn_peers(self, rounds: list[int]) -> None:
         for r in rounds:
@@ -411,10 +415,7 @@ class RoundRunner:
         elif isinstance(a, rm.CommitVersion):
             await self._commit_version(a)
         elif isinstance(a, rm.PublishCommit):
-            # take the record now: a CommitVersion right after this action consumes the candidate
-            candidate = self._candidates.get(a.version_id)
-            record = candidate.version.to_bytes() if candidate is not None else None
-            self._spawn(self._publish_commit(a, record), f"commit r{a.round}")
+            self._spawn(self._publish_commit(a), f"commit r{a.round}")
         elif isinstance(a, rm.SyncVersion):
             self._spawn(self._sync(a), f"sync {a.version_id[:8]}")
         elif isinstance(a, rm.RoundFailed):
@@ -662,9 +663,7 @@ class RoundRunner:
         )
 
     def _note_commit(self, msg: Commit) -> None:
-        """Keep a received Commit's record and signed votes: we may be asked to republish it."""
-        vid = hashlib.sha256(msg.version_record).hexdigest()  # a version's id is the hash of its record
-        self._commit_records[vid] = msg.version_record
+        """Keep a received Commit's signed votes: we may be asked to republish it."""
         for envelope in msg.certificate:
             try:
                 vote, signer = open_signed(envelope, Vote)
@@ -672,22 +671,16 @@ class RoundRunner:
                 continue
             if signer == vote.voter:
                 self._vote_envelopes.setdefault((vote.round, vote.voter), envelope)
-        while len(self._commit_records) > 8:
-            self._commit_records.pop(next(iter(self._commit_records)))
 
-    async def _publish_commit(self, a: rm.PublishCommit, record: bytes | None) -> None:
-        if record is None:
-            record = self._commit_records.get(a.version_id)
-        if record is None:
-            record = await asyncio.to_thread(self.node.store.read_object, a.version_id)
+    async def _publish_commit(self, a: rm.PublishCommit) -> None:
         certificate = self._certificate(a.round, a.votes)
-        await self._publish(Commit(round=a.round, version_record=record, certificate=certificate))
+        await self._publish(Commit(round=a.round, version_id=a.version_id, certificate=certificate))
 
     async def _sync(self, a: rm.SyncVersion) -> None:
         t0 = time.monotonic()
         try:
             record = await self.node.transport.fetch_from_any(
-                self._libp2p_for(a.from_peers)[:8], a.version_id, max_size=4 << 20, kind="version", timeout=60
+                self._libp2p_for(a.from_peers)[:8], a.version_id, max_size=MAX_RECORD, kind="version", timeout=60
             )
             version = Version.from_bytes(record)
             target = CertifiedVersion(version, a.round, tuple((version.merge or {}).get("members") or ()), (), ())

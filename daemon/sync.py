@@ -2,9 +2,10 @@
 names (and every ancestor this node lacks) from peers into the local lineage, verifying every
 hash on the way.
 
-The checks, in order, for a `Commit` read from the DHT:
+The checks, in order, for a `Commit` read from the DHT and the record it names (fetched by id
+from a signer, since a record grows with the model and the DHT is for small values):
 
-1. the version record decodes (`Version.from_bytes` re-derives its id);
+1. the version record decodes (`Version.from_bytes` re-derives its id) and is the commit's;
 2. its merge spec names the round's `members` and the `proposal` hash;
 3. at least `quorum(len(members))` distinct members signed a `Vote` for exactly this id, round,
    base (the version's parent) and proposal; each vote's Ed25519 signature verifies.
@@ -30,7 +31,7 @@ from p2pmodel.protocols.messages import MAX_RECORD, Commit, Vote
 from p2pmodel.protocols.round import quorum
 from p2pmodel.protocols.signing import open_signed
 
-__all__ = ["SyncError", "CertifiedVersion", "quorum", "verify_commit", "sync_version"]
+__all__ = ["SyncError", "CertifiedVersion", "quorum", "commit_signers", "verify_commit", "sync_version"]
 
 logger = get_logger(__name__)
 
@@ -74,17 +75,31 @@ class CertifiedVersion:
         return Annotations(metrics=self.metrics(), certificate=cert)
 
 
-def verify_commit(commit: Commit) -> CertifiedVersion:
-    """Check a commit's version record and quorum certificate (see the module docstring).
+def commit_signers(commit: Commit) -> list[str]:
+    """Peer ids whose votes in `commit`'s certificate verify: where to fetch its record from."""
+    signers = []
+    for envelope in commit.certificate:
+        try:
+            _, signer = open_signed(envelope, Vote)
+        except WireError:
+            continue
+        signers.append(signer)
+    return signers
+
+
+def verify_commit(commit: Commit, record: bytes) -> CertifiedVersion:
+    """Check the version `record` a commit names, and the commit's quorum certificate.
 
     Raises:
         SyncError: anything does not check.
     """
     try:
-        version = Version.from_bytes(commit.version_record)
+        version = Version.from_bytes(record)
     except LineageError as e:
-        raise SyncError("?" * 12, f"bad version record ({e})") from None
+        raise SyncError(commit.version_id, f"bad version record ({e})") from None
     vid = version.id
+    if vid != commit.version_id:
+        raise SyncError(commit.version_id, f"the record served is version {vid[:12]}, not the one committed")
     merge: Any = version.merge or {}
     members = tuple(merge.get("members") or ())
     proposal = merge.get("proposal")

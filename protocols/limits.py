@@ -33,7 +33,7 @@ LIMITS: dict[str, int] = {
     "delta_chunk": MAX_CHUNK + 1 * KiB,
     "proposal": 256 * KiB,
     "vote": 2 * KiB,
-    "commit": 8 * MiB,
+    "commit": 3 * MiB,  # id + certificate: up to MAX_MEMBERS signed votes (the record travels by stream)
     "version_request": 512,
     "version_response": 8 * MiB,
     "object_request": 512,

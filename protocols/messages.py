@@ -287,12 +287,16 @@ class Vote(Message):
 
 @dataclass(frozen=True)
 class Commit(Message):
-    """ "This version is committed; here are the votes that prove it." DHT: p2pmodel/<event>/head."""
+    """ "This version is committed; here are the votes that prove it." DHT: p2pmodel/<event>/head.
+
+    The record itself is not inside: it grows with the model's tensor count and the DHT is for
+    small values. Readers fetch it by id (the sha256 of the record) over a stream from a signer.
+    """
 
     TYPE: ClassVar[str] = "commit"
 
     round: Round  # the round committed
-    version_record: VersionRecord  # the lineage record encoding (Version.to_bytes())
+    version_id: Sha256Hex  # id of the committed version; every vote in the certificate names it
     certificate: Certificate  # signed Vote envelopes (signing.sign output), one per voter
 
 

@@ -937,7 +937,7 @@ class RoundMachine:
                 continue
             votes[vote.voter] = vote
         keys = {(x.round, x.base_version, x.proposal_hash, x.version_id) for x in votes.values()}
-        if len(keys) != 1 or next(iter(keys))[0] != msg.round:
+        if len(keys) != 1 or next(iter(keys))[0] != msg.round or next(iter(keys))[3] != msg.version_id:
             self._count("bad_commit")
             return
         round_, base, ph, vid = next(iter(keys))
@@ -1125,10 +1125,12 @@ class RoundMachine:
             return
         if now < self._slot(me):
             return
-        mine = self._rank_key(me)
         for proposer in v.proposals:
-            if proposer not in v.bad_proposers and self._rank_key(proposer) < mine:
-                return  # a better-ranked proposal is alive
+            if proposer not in v.bad_proposers:
+                # Any live proposal, even a worse-ranked one: proposing over it would split the
+                # votes of peers that already merged it (seen after a crash and a late join,
+                # where views of the ranking differ). Ranks only order proposers that race.
+                return
         members = sorted(m for m in v.members if m not in v.departed)[: self.config.max_members]
         if len(self.electorate.intersection(members)) < quorum(len(self.electorate), self.config.quorum):
             return  # our view is too partial to propose (see _proposal_is_sound); wait for announcements

@@ -108,7 +108,7 @@ class SimConfig:
     merge_time: float = 1.0  # seconds to merge + outer step + CI gate
     sync_time: float = 2.0  # seconds to fetch a version's tensors
     delta_size: int = 100_000  # bytes of an encoded delta
-    record_size: int = 4096  # bytes of a version record (inside a Commit)
+    record_size: int = 4096  # bytes of a version record (fetched by id when syncing)
     faults: tuple[tuple[int, Fault], ...] = ()  # (peer index, fault)
     crashes: tuple[tuple[int, float], ...] = ()  # (peer index, virtual time it dies)
     joins: tuple[tuple[int, float], ...] = ()  # (peer index, time it joins); others start at 0
@@ -356,7 +356,7 @@ class Simulation:
                 self.latest = (a.round, a.version_id, frozenset(prop.members))
         elif isinstance(a, PublishCommit):
             cert = tuple(encode(v) for v in a.votes)
-            self._publish(p, Commit(round=a.round, version_record=b"\0" * cfg.record_size, certificate=cert))
+            self._publish(p, Commit(round=a.round, version_id=a.version_id, certificate=cert))
         elif isinstance(a, SyncVersion):
             self._sync(p, a)
         elif isinstance(a, RoundFailed):

@@ -448,7 +448,7 @@ def test_commit_signed_by_all_members_of_a_small_proposal_but_not_two_thirds_of_
     m = machine(ORDER[3])
     small = proposal(ORDER[0], members=[ORDER[0], ORDER[1]], deltas=[])
     cert = tuple(encode(vote(pid, small)) for pid in (ORDER[0], ORDER[1]))
-    acts = m.process(MessageReceived(40.0, Commit(round=R, version_record=b"rec", certificate=cert), ORDER[0]))
+    acts = m.process(MessageReceived(40.0, Commit(round=R, version_id="cd" * 32, certificate=cert), ORDER[0]))
     assert not of(acts, SyncVersion) and m.counters["bad_commit"] == 1 and m.round == R
 
 
@@ -496,7 +496,7 @@ def test_commit_for_a_later_round_signed_by_a_weak_quorum_of_our_electorate_is_s
     later = proposal(ORDER[0], base="ef" * 32)
     later = dataclasses.replace(later, round=R + 2)
     cert = tuple(signing.sign(vote(pid, later), identity(pid)) for pid in ORDER[:2])  # 2 = 4 - ceil(8/3) + 1
-    commit = Commit(round=R + 2, version_record=b"rec", certificate=cert)
+    commit = Commit(round=R + 2, version_id="cd" * 32, certificate=cert)
     acts = m.process(MessageReceived(10.0, commit, ORDER[0]))
     assert of(acts, SyncVersion)[0].round == R + 2 and m.phase is Phase.SYNCING
 
@@ -508,7 +508,7 @@ def test_commit_certificate_with_a_forged_vote_is_not_counted():
     # A vote naming ORDER[0] but signed by a stranger, and one not signed at all.
     impersonated = signing._pack_envelope(stranger.public_key, encode(vote(ORDER[0], later)), b"\0" * 64)
     cert = (impersonated, encode(vote(ORDER[1], later)))
-    commit = Commit(round=R + 2, version_record=b"rec", certificate=cert)
+    commit = Commit(round=R + 2, version_id="cd" * 32, certificate=cert)
     acts = m.process(MessageReceived(10.0, commit, ORDER[0]))
     assert not of(acts, SyncVersion) and m.phase is Phase.COLLECTING
     assert m.counters["bad_certificate_vote"] == 2 and m.counters["bad_commit"] == 1
@@ -607,3 +607,21 @@ def test_commit_of_a_proposal_whose_deltas_we_hold_is_merged_locally_not_fetched
     assert of(acts, Merge) and not of(acts, SyncVersion)
     acts = m.process(MergeDone(6.0, message_hash(prop), "cd" * 32))
     assert of(acts, CommitVersion) and m.round == R + 1
+
+
+def test_commit_whose_id_differs_from_its_votes_is_rejected():
+    m = machine(ORDER[3])
+    prop = proposal(ORDER[0])
+    cert = tuple(encode(vote(pid, prop)) for pid in ORDER[:3])  # the votes name "cd" * 32
+    acts = m.process(MessageReceived(40.0, Commit(round=R, version_id="ee" * 32, certificate=cert), ORDER[0]))
+    assert not of(acts, SyncVersion) and m.counters["bad_commit"] == 1
+
+
+def test_a_better_ranked_member_does_not_propose_over_a_live_proposal():
+    # Views of the ranking differ after crashes and joins; a late better-ranked proposal would
+    # split the votes of peers that already merged the first one.
+    m = machine(ORDER[0])
+    full_round_to_merge(m, ORDER[0])
+    m.process(MessageReceived(29.0, proposal(ORDER[1]), ORDER[1]))
+    acts = m.process(Tick(30.0))
+    assert not [a for a in of(acts, Publish) if isinstance(a.message, Proposal)]
