@@ -171,20 +171,28 @@ def _read_join_line(proc: subprocess.Popen, deadline: float) -> str:
 def _follow(procs: list[subprocess.Popen], root: Path, deadline: float) -> None:
     """Print committed rounds as node0 logs them; return when every node has left."""
     seen = 0
-    pattern = re.compile(r"committed round=(\d+) version=(\w+) contributors=(\d+) eval_loss=([\d.na]+)")
     while any(p.poll() is None for p in procs):
         if time.monotonic() > deadline:
             raise DemoError("timed out; see the node logs")
         lines = (root / "node0.log").read_text().splitlines()
         for line in lines[seen:]:
-            m = pattern.search(line)
-            if m:
-                print(f"round {m[1]} committed: version {m[2]}, {m[3]} contributors, eval loss {m[4]}", flush=True)
+            if " committed " in line:
+                print(_round_line(dict(re.findall(r"(\w+)=(\S+)", line))), flush=True)
         seen = len(lines)
         time.sleep(1.0)
     bad = [i for i, p in enumerate(procs) if p.returncode not in (0, -signal.SIGTERM)]
     if bad:
         raise DemoError(f"node(s) {bad} exited with an error; see {root}/node*.log")
+
+
+def _round_line(kv: dict[str, str]) -> str:
+    """One committed round of node0's log, with where its time and bytes went."""
+    text = f"round {kv.get('round')} committed: version {kv.get('version')}, {kv.get('contributors')} contributors, eval loss {kv.get('eval_loss')}"
+    if "total_s" in kv:
+        parts = [f"{name} {float(kv.get(key, 0)):.1f}s" for name, key in
+                 (("train", "training_s"), ("comm", "communication_s"), ("merge", "merge_s"), ("wait", "waiting_s"))]  # fmt: skip
+        text += f"  [{', '.join(parts)} of {float(kv['total_s']):.1f}s; sent {int(kv.get('bytes_sent', 0)) / 1e3:.0f} kB]"
+    return text
 
 
 def _print_lineage(path: Path) -> None:
