@@ -22,8 +22,6 @@ major.minor version. It is the proposal hash that votes refer to.
 from __future__ import annotations
 
 import hashlib
-import math
-import re
 import typing
 from dataclasses import MISSING, dataclass, fields
 from enum import IntEnum
@@ -72,6 +70,12 @@ __all__ = [
     "LIMITS",
     "MAX_CHUNK",
     "MAX_MEMBERS",
+    "MAX_KEY_LEN",
+    "MAX_MAP_ITEMS",
+    "MAX_U63",
+    "SIGNED_OVERHEAD",
+    "KiB",
+    "MiB",
     "Message",
     "PeerAnnouncement",
     "Departure",
