@@ -9,7 +9,8 @@ Map (source folder `protocols/`, installed as `p2pmodel.protocols`):
 - `signing.py`      — Ed25519 peer identities and signed envelopes (`sign`, `open_signed`).
 - `codec.py`        — `DeltaCodec` and `ErrorFeedback`: compressed parameter deltas
   (`quant.py`, `sparse.py`, `delta_format.py`, `codec_errors.py` hold its parts).
-- `round.py`        — `RoundMachine`: the round's state machine; events in, actions out.
+- `round.py`        — `RoundMachine`: the round's state machine; events in, actions out
+                      (`round_io.py`: those events and actions, as plain data).
 - `sim.py`          — a virtual-clock network simulator that drives many `RoundMachine`s.
 - `SPEC.md`, `vectors/` — the written wire specification and its test vectors.
 
