@@ -793,19 +793,18 @@ class RoundMachine:
         v = self._view
         assert v is not None
         have = base == v.base and vid in v.computed
-        # Our merge of this very proposal is still running: its result is most likely the
-        # committed version, and waiting for it is far cheaper than fetching every tensor.
-        in_flight = not have and base == v.base and ph in v.merge_asked and ph not in v.computed.values()
         prop = self._proposal_by_hash(ph)
-        if not have and ph not in v.merge_asked and base == v.base and prop is not None and prop.deltas:
-            if all(v.fetch.get(d.delta_hash) is True for d in prop.deltas):
-                # We hold every delta it merges (small), so merging beats fetching all tensors.
-                v.merge_asked.add(ph)
-                self._merge_asked[ph] = v.round
-                out.append(Merge(prop, ph))
-                in_flight = True
+        # Merging locally beats fetching every tensor: wait for our merge of this very proposal
+        # if it runs, or start one when we hold every delta it lists (deltas are small).
+        merge_locally = False
+        if not have and base == v.base:
+            if ph in v.merge_asked:
+                merge_locally = ph not in v.computed.values()  # else our result differs: fetch
+            elif prop is not None and prop.deltas and all(v.fetch.get(d.delta_hash) is True for d in prop.deltas):
+                self._ask_merge(prop, ph, out)
+                merge_locally = True
         self._sync = _SyncTarget(round_, vid, ph, base, votes, have, frozenset(prop.members) if prop else None)
-        if in_flight:
+        if merge_locally:
             self._sync.await_merge_until = now + self.config.proposal_timeout
         elif not have:
             self._request_sync(out)
@@ -1018,9 +1017,14 @@ class RoundMachine:
             self._drop_candidate()
             return
         if all(s is True for s in states):
-            v.merge_asked.add(v.candidate)
-            self._merge_asked[v.candidate] = v.round
-            out.append(Merge(prop, v.candidate))
+            self._ask_merge(prop, v.candidate, out)
+
+    def _ask_merge(self, prop: Proposal, proposal_hash: str, out: list[Action]) -> None:
+        v = self._view
+        assert v is not None
+        v.merge_asked.add(proposal_hash)
+        self._merge_asked[proposal_hash] = v.round
+        out.append(Merge(prop, proposal_hash))
 
     def _drop_candidate(self) -> None:
         v = self._view
