@@ -163,6 +163,20 @@ class InnerTrainer:
                 t.copy_(state_dict[k])  # in place: the optimizer holds these very tensors
         self._base = _cpu_float32(own)
 
+    def rebase(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Move the work done since the last base onto a new base: `theta := new + (theta - base)`.
+
+        This is how training overlaps the network: a peer keeps training from its local model
+        while the swarm merges the last round, then rebases those steps onto the committed
+        version (one-round-stale updates, as in streaming/eager DiLoCo). `delta()` is then
+        relative to `state_dict`. AdamW moments are kept, as in `load_base`.
+        """
+        done = self.delta()
+        self.load_base(state_dict)
+        with torch.no_grad():
+            for k, t in self.model.state_dict().items():
+                t.add_(done[k].to(t.device, t.dtype))
+
     def delta(self) -> dict[str, torch.Tensor]:
         """`theta_local - base` per state-dict entry, float32 on CPU, in state-dict order."""
         current = _cpu_float32(self.model.state_dict())

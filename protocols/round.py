@@ -34,13 +34,13 @@ consensus argument of Raft's membership change). Corollaries:
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from enum import Enum
 from fractions import Fraction
 from typing import Callable
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from .certificate import commits, open_certificate, quorum, vouches, weak_quorum
+from .errors import LocalProtocolError
 from .round_io import (  # re-exported: the daemon and tests import them from here
     Action,
     CommitVersion,
@@ -158,16 +158,6 @@ class PeerInfo:
     addrs: tuple[str, ...]  # multiaddrs
     event_hash: str  # sha256 hex of the event manifest
     capabilities: tuple[tuple[str, str | bool | int | float], ...] = ()  # informative
-
-
-def quorum(n: int, share: Fraction = Fraction(2, 3)) -> int:
-    """Signatures needed among `n` peers: ceil(share * n) (0 for n == 0)."""
-    return math.ceil(share * n)
-
-
-def weak_quorum(n: int, share: Fraction = Fraction(2, 3)) -> int:
-    """Smallest count of `n` peers sure to include an honest one when fewer than n - quorum + 1 lie."""
-    return n - quorum(n, share) + 1
 
 
 def proposer_rank_key(round_: int, peer_id: str) -> bytes:
@@ -750,17 +740,8 @@ class RoundMachine:
     # ---- commits -----------------------------------------------------------------------
 
     def _on_commit(self, msg: Commit, now: float, out: list[Action]) -> None:
-        votes: dict[str, Vote] = {}
-        for data in msg.certificate:
-            try:
-                vote, signer = self._open_vote(data)
-            except RemoteProtocolError:
-                self._count("bad_certificate_vote")
-                continue
-            if vote.voter != signer:
-                self._count("bad_certificate_vote")
-                continue
-            votes[vote.voter] = vote
+        votes, bad = open_certificate(msg.certificate, self._open_vote)
+        self.counters["bad_certificate_vote"] += bad
         keys = {(x.round, x.base_version, x.proposal_hash, x.version_id) for x in votes.values()}
         if len(keys) != 1 or next(iter(keys))[0] != msg.round or next(iter(keys))[3] != msg.version_id:
             self._count("bad_commit")
@@ -772,17 +753,13 @@ class RoundMachine:
         if self.head_round is not None and round_ <= self.head_round:
             self._count("wrong_round")
             return
-        signers = set(votes)
-        e_count = len(signers & self.electorate)
         if base == self.head_version:
             prop = self._proposal_by_hash(ph)
-            if e_count < quorum(len(self.electorate), self.config.quorum):
+            members = None if prop is None else prop.members  # checked again once the proposal is known
+            if not commits(votes, electorate=self.electorate, members=members, share=self.config.quorum):
                 self._count("bad_commit")
                 return
-            if prop is not None and len(signers & set(prop.members)) < quorum(len(prop.members), self.config.quorum):
-                self._count("bad_commit")
-                return
-        elif e_count < weak_quorum(len(self.electorate), self.config.quorum):
+        elif not vouches(votes, self.electorate, self.config.quorum):
             self._count("bad_commit")  # cannot vouch for a chain we have not followed
             return
         self._commit(round_, vid, ph, base, tuple(votes[k] for k in sorted(votes)), now, out)
@@ -1036,10 +1013,7 @@ class RoundMachine:
         prop = self._proposal_by_hash(key[0])
         if prop is None:
             return False
-        q = self.config.quorum
-        return tally.in_members >= quorum(len(prop.members), q) and tally.in_electorate >= quorum(
-            len(self.electorate), q
-        )
+        return commits(tally.voters, electorate=self.electorate, members=prop.members, share=self.config.quorum)
 
     def _check_quorums(self, now: float, out: list[Action]) -> None:
         v = self._view

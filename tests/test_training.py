@@ -213,3 +213,15 @@ def test_gpu_check_cpu_path_reports_throughput_and_loss(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["device"], row["steps"], row["amp"]) == ("cpu", 3, "off")
     assert row["tokens_per_s"] > 0 and math.isfinite(row["train_loss"])
+
+
+def test_rebase_moves_the_steps_taken_onto_a_new_base(trainer):
+    # training ahead from the local model, then the committed version lands: the steps taken
+    # are kept (theta = new + done) and the delta is now relative to the new base
+    trainer.train(3)
+    done = trainer.delta()
+    new_base = {k: torch.full_like(v, 0.01) for k, v in trainer.model.state_dict().items()}
+    trainer.rebase(new_base)
+    for k, d in trainer.delta().items():
+        torch.testing.assert_close(d, done[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(trainer.model.state_dict()[k].float(), new_base[k] + done[k], rtol=0, atol=1e-6)
