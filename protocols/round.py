@@ -387,6 +387,21 @@ class RoundMachine:
         v = self._view
         return frozenset() if v is None else frozenset(v.members - v.departed)
 
+    def only_we_are_missing(self) -> bool:
+        """Every other expected peer announced its delta for this round, and ours is not out yet.
+
+        The daemon then ends our training early (after at least one step): a slow peer takes
+        fewer inner steps instead of holding the round or missing it, and the merge weighs its
+        delta by the samples it did train. Never true for a peer alone (nobody to keep up with).
+        """
+        v = self._view
+        if v is None or self.phase in (Phase.IDLE, Phase.STOPPED) or self.peer.peer_id in v.deltas:
+            return False
+        others = self._expected() - {self.peer.peer_id}
+        if not others or len(others) + 1 < self.config.min_members:
+            return False
+        return all(p in v.deltas for p in others)
+
     @property
     def round(self) -> int | None:
         """The round we are in (None before Start)."""

@@ -625,3 +625,27 @@ def test_a_better_ranked_member_does_not_propose_over_a_live_proposal():
     m.process(MessageReceived(29.0, proposal(ORDER[1]), ORDER[1]))
     acts = m.process(Tick(30.0))
     assert not [a for a in of(acts, Publish) if isinstance(a.message, Proposal)]
+
+
+# ---- rounds that fit the peers ---------------------------------------------------------
+
+
+def test_a_slow_peer_is_told_to_finish_once_every_other_expected_peer_delivered():
+    me = ORDER[0]
+    m = machine(me)
+    others = [p for p in IDS[:4] if p != me]
+    for pid in others:
+        m.process(announce(pid))
+    for pid in others[:-1]:
+        m.process(delta_ann(pid))
+        assert not m.only_we_are_missing()  # someone else is still training too
+    m.process(delta_ann(others[-1]))
+    assert m.only_we_are_missing()
+    m.process(TrainingDone(4.0, delta_hash(me), 10, 100))
+    assert not m.only_we_are_missing()  # ours is out
+
+
+def test_a_peer_alone_is_never_told_to_finish_early():
+    me = IDS[0]
+    m = machine(me, electorate=frozenset({me}))
+    assert not m.only_we_are_missing()
