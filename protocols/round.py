@@ -138,6 +138,9 @@ class RoundConfig:
     future_rounds: int = 8  # rounds ahead of ours whose records are buffered, not dropped
     future_buffer: int = 4 * MAX_MEMBERS  # records buffered for future rounds, in all
     proposal_cache: int = 64  # proposals of past rounds kept by hash (to learn an electorate)
+    # Screening (with >= 3 deltas, where the median is honest while most peers are):
+    max_norm_ratio: float = 4.0  # a delta whose norm exceeds this x the round's median is left out
+    max_weight_ratio: float = 2.0  # a delta's merge weight is capped at this x the median samples
     method: str = "linear"  # merge method written into our proposals (p2pmodel.merge.METHODS)
     params: tuple[tuple[str, str | bool | int | float], ...] = ()  # its parameters
 
@@ -290,6 +293,8 @@ class _RoundView:
         self.ahead_of_me = 0  # live members ranked before us (kept incrementally: asked every event)
         self.my_key = b""
         self.closed_at: float | None = None  # when every expected delta was in (early close)
+        self.norms: dict[str, float] = {}  # delta hash -> L2 norm of the screened delta
+        self.excluded: dict[str, str] = {}  # peer id -> why its delta is left out this round
 
     def add_member(self, peer_id: str) -> None:
         self.members.add(peer_id)
@@ -492,6 +497,8 @@ class RoundMachine:
             self._start_training(out)
             return
         self._my_delta = (ev.delta_hash, ev.samples, ev.encoded_size, v.round, v.base)
+        if ev.norm is not None:
+            v.norms[ev.delta_hash] = ev.norm
         ann = DeltaAnnouncement(
             round=v.round, base_version=v.base, peer_id=self.peer.peer_id,
             delta_hash=ev.delta_hash, encoded_size=ev.encoded_size, samples=ev.samples,
@@ -503,10 +510,17 @@ class RoundMachine:
     def _on_DeltaFetched(self, ev: DeltaFetched, out: list[Action]) -> None:
         v = self._view
         assert v is not None
-        if ev.delta_hash in v.fetch:
-            v.fetch[ev.delta_hash] = ev.ok
-        else:
+        if ev.delta_hash not in v.fetch:
             self._count("stale_results")
+            return
+        v.fetch[ev.delta_hash] = ev.ok
+        if ev.ok and ev.norm is not None:
+            v.norms[ev.delta_hash] = ev.norm
+        elif not ev.ok and ev.reason:
+            self._count("rejected_deltas")
+            for peer, ann in v.deltas.items():
+                if ann.delta_hash == ev.delta_hash:
+                    v.excluded[peer] = ev.reason
 
     def _on_MergeDone(self, ev: MergeDone, out: list[Action]) -> None:
         v = self._view
@@ -536,6 +550,12 @@ class RoundMachine:
         if ev.proposal_hash != v.candidate or self.phase is not Phase.MERGING:
             self._count("stale_results")
             return
+        # The proposal does not merge for us (bad delta, CI gate): it is no longer live, so the
+        # next proposer may speak; an honest one lists only deltas it screened.
+        prop = self._proposal_by_hash(ev.proposal_hash)
+        if prop is not None:
+            v.bad_proposers.add(prop.proposer)
+        self._count("failed_merges")
         self._drop_candidate()
 
     def _on_VersionSynced(self, ev: VersionSynced, out: list[Action]) -> None:
@@ -693,9 +713,10 @@ class RoundMachine:
             return False
         for d in p.deltas:  # a listed delta must be the one its owner announced, if we saw it
             ann = v.deltas.get(d.peer_id)
-            if ann is not None and ann.delta_hash != d.delta_hash:
+            if ann is not None and (ann.delta_hash != d.delta_hash or d.weight > ann.samples):
                 return False
-        return True
+        cap = _weight_cap([d.weight for d in p.deltas], self.config.max_weight_ratio)
+        return all(d.weight <= cap * (1 + 1e-9) for d in p.deltas)
 
     def _on_vote(self, vote: Vote, sender: str) -> None:
         if not self._is_member(vote.voter):
@@ -950,11 +971,8 @@ class RoundMachine:
         members = sorted(m for m in v.members if m not in v.departed)[: self.config.max_members]
         if len(self.electorate.intersection(members)) < quorum(len(self.electorate), self.config.quorum):
             return  # our view is too partial to propose (see _proposal_is_sound); wait for announcements
-        deltas = tuple(
-            ProposalDelta(p, a.delta_hash, float(a.samples))
-            for p, a in sorted(v.deltas.items())
-            if p in members and v.fetch.get(a.delta_hash) is True
-        )
+        fetched = [(p, a) for p, a in sorted(v.deltas.items()) if p in members and v.fetch.get(a.delta_hash) is True]
+        deltas = self._screened(fetched)
         if not deltas:
             return  # nothing to merge yet (training slower than the window): propose when a delta is in
         prop = Proposal(
@@ -965,6 +983,44 @@ class RoundMachine:
         out.append(Publish(prop))
         self._proposal_cache_put(prop)
         self._on_proposal(prop, me)
+
+    def _median_norm(self) -> float | None:
+        """Median L2 norm of the round's screened deltas (None below 3: no honest majority to trust)."""
+        v = self._view
+        assert v is not None
+        norms = sorted(v.norms.values())
+        return norms[len(norms) // 2] if len(norms) >= 3 else None
+
+    def _norm_outlier(self, delta_hash: str) -> str:
+        """Why this delta's norm is an outlier ("" when it is not, or cannot be told)."""
+        v = self._view
+        assert v is not None
+        med, norm = self._median_norm(), v.norms.get(delta_hash)
+        if med is None or norm is None or norm <= self.config.max_norm_ratio * med:
+            return ""
+        return f"norm {norm:.3g} is over {self.config.max_norm_ratio:g} x the round's median {med:.3g}"
+
+    def _screened(self, fetched: list[tuple[str, DeltaAnnouncement]]) -> tuple[ProposalDelta, ...]:
+        """What we propose: fetched deltas less norm outliers, weighed by samples capped at
+        `max_weight_ratio` x the median (a peer announcing 10^4 x the samples gets 2 x)."""
+        v = self._view
+        assert v is not None
+        kept = []
+        for p, a in fetched:
+            why = self._norm_outlier(a.delta_hash)
+            if why:
+                v.excluded[p] = why
+                self._count("excluded_deltas")
+            else:
+                kept.append((p, a))
+        cap = _weight_cap([float(a.samples) for _, a in kept], self.config.max_weight_ratio)
+        return tuple(ProposalDelta(p, a.delta_hash, min(float(a.samples), cap)) for p, a in kept)
+
+    @property
+    def exclusions(self) -> dict[str, str]:
+        """Peers whose delta is left out of the current round, and why (for status pages)."""
+        v = self._view
+        return {} if v is None else dict(v.excluded)
 
     def _maybe_adopt(self, now: float, out: list[Action]) -> None:
         """Adopt the best-ranked eligible proposal, or switch to a better one before voting."""
@@ -1009,6 +1065,11 @@ class RoundMachine:
             self._drop_candidate()
             return
         if all(s is True for s in states):
+            if any(self._norm_outlier(d.delta_hash) for d in prop.deltas):
+                self._count("screened_proposal")  # lists a delta we screen out: not ours to sign
+                v.bad_proposers.add(prop.proposer)
+                self._drop_candidate()
+                return
             self._ask_merge(prop, v.candidate, out)
 
     def _ask_merge(self, prop: Proposal, proposal_hash: str, out: list[Action]) -> None:
@@ -1158,6 +1219,13 @@ class RoundMachine:
             del self._proposal_cache[oldest]
 
 
+def _weight_cap(weights: list[float], ratio: float) -> float:
+    """The largest merge weight allowed: `ratio` x the median weight (no cap below 3 deltas)."""
+    if len(weights) < 3:
+        return float("inf")
+    return ratio * sorted(weights)[len(weights) // 2]
+
+
 _COUNTERS = (
     "wrong_round",  # record for a round we are not in (past, or being synced past)
     "wrong_base",  # record for our round built on another head
@@ -1178,4 +1246,8 @@ _COUNTERS = (
     "rounds_committed",
     "rounds_failed",
     "merge_differs",  # our own merge of the committed proposal gave another id: fetched theirs
+    "rejected_deltas",  # deltas that failed screening (do not decode, NaN/Inf)
+    "excluded_deltas",  # deltas we left out of our proposal (norm outliers)
+    "screened_proposal",  # proposals listing a delta we screen out
+    "failed_merges",  # adopted proposals whose merge or CI gate failed for us
 )

@@ -41,6 +41,7 @@ class TrainingDone:
     delta_hash: str  # sha256 hex of the encoded delta
     samples: int  # training samples behind it
     encoded_size: int  # bytes of the encoded delta
+    norm: float | None = None  # L2 norm of the decoded delta (screening compares it with the others')
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class DeltaFetched:
     now: float
     delta_hash: str
     ok: bool
+    norm: float | None = None  # L2 norm of the decoded delta, once screened
+    reason: str = ""  # why it is not usable: unfetchable, does not decode, NaN/Inf, ...
 
 
 @dataclass(frozen=True)

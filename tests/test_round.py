@@ -33,6 +33,7 @@ from p2pmodel.protocols.round import (
     KeepDelta,
     Merge,
     MergeDone,
+    MergeFailed,
     MessageReceived,
     Phase,
     Publish,
@@ -649,3 +650,75 @@ def test_a_peer_alone_is_never_told_to_finish_early():
     me = IDS[0]
     m = machine(me, electorate=frozenset({me}))
     assert not m.only_we_are_missing()
+
+
+# ---- screening -------------------------------------------------------------------------
+
+
+def round_with_norms(me: str, norms: dict[str, float], samples: dict[str, int] | None = None) -> RoundMachine:
+    """All four members deliver; each delta screened with the given norm (and samples)."""
+    m = machine(me)
+    samples = samples or {}
+    for pid in IDS[:4]:
+        if pid == me:
+            continue
+        m.process(announce(pid))
+        msg = dataclasses.replace(delta_ann(pid).message, samples=samples.get(pid, 10))
+        for a in of(m.process(MessageReceived(2.0, msg, pid)), FetchDelta):
+            m.process(DeltaFetched(3.0, a.delta_hash, True, norm=norms[pid]))
+    m.process(TrainingDone(4.0, delta_hash(me), samples.get(me, 10), 100, norm=norms[me]))
+    return m
+
+
+def proposed(m: RoundMachine) -> Proposal:
+    (prop,) = [a.message for a in of(m.process(Tick(30.0)), Publish) if isinstance(a.message, Proposal)]
+    return prop
+
+
+def test_a_delta_whose_norm_is_far_past_the_median_is_left_out_and_the_reason_kept():
+    liar = ORDER[2]
+    m = round_with_norms(ORDER[0], {p: (100.0 if p == liar else 1.0) for p in IDS[:4]})
+    prop = proposed(m)
+    assert liar not in [d.peer_id for d in prop.deltas] and len(prop.deltas) == 3
+    assert "median" in m.exclusions[liar] and m.counters["excluded_deltas"] == 1
+
+
+def test_inflated_samples_are_capped_at_twice_the_median():
+    liar = ORDER[3]
+    m = round_with_norms(ORDER[0], dict.fromkeys(IDS[:4], 1.0), samples={p: (10**6 if p == liar else 32) for p in IDS[:4]})
+    weights = {d.peer_id: d.weight for d in proposed(m).deltas}
+    assert weights[liar] == 64.0 and {w for p, w in weights.items() if p != liar} == {32.0}
+
+
+def test_a_proposal_with_uncapped_weights_or_an_outlier_delta_is_not_merged():
+    liar = ORDER[2]
+    m = round_with_norms(ORDER[3], dict.fromkeys(IDS[:4], 1.0))
+    greedy = proposal(ORDER[0], deltas=[ProposalDelta(p, delta_hash(p), 10.0 if p != liar else 10.0 * 9) for p in sorted(IDS[:4])])
+    m.process(MessageReceived(31.0, greedy, ORDER[0]))
+    assert m.counters["bogus_proposal"] == 1  # claims more samples than announced
+    m = round_with_norms(ORDER[3], {p: (50.0 if p == liar else 1.0) for p in IDS[:4]})
+    acts = m.process(MessageReceived(31.0, proposal(ORDER[0]), ORDER[0]))
+    assert not of(acts, Merge) and m.counters["screened_proposal"] == 1 and m.phase is Phase.COLLECTING
+
+
+def test_a_rejected_delta_is_never_proposed_and_a_failed_merge_lets_the_next_proposer_speak():
+    me = ORDER[1]
+    m = machine(me)
+    for pid in (ORDER[0], ORDER[2], ORDER[3]):
+        m.process(announce(pid))
+        for a in of(m.process(delta_ann(pid)), FetchDelta):
+            bad = pid == ORDER[2]
+            m.process(DeltaFetched(3.0, a.delta_hash, not bad, reason="non-finite values" if bad else ""))
+    m.process(TrainingDone(4.0, delta_hash(me), 10, 100))
+    assert m.exclusions == {ORDER[2]: "non-finite values"}
+    # the best rank proposes the bad delta anyway; our merge of it fails
+    acts = m.process(MessageReceived(30.5, proposal(ORDER[0]), ORDER[0]))
+    assert m.counters["unfetchable_proposal"] == 1 and not of(acts, Merge)
+    # we take over at our slot, without the bad delta
+    acts = m.process(Tick(35.0))
+    (prop,) = [a.message for a in of(acts, Publish) if isinstance(a.message, Proposal)]
+    assert [d.peer_id for d in prop.deltas] == sorted({ORDER[0], ORDER[1], ORDER[3]})
+    assert of(acts, Merge)[0].proposal == prop and m.phase is Phase.MERGING
+    # and a merge that fails (say the CI gate refuses it) makes the proposal dead, not live
+    m.process(MergeFailed(36.0, message_hash(prop), "CI gate"))
+    assert m.counters["failed_merges"] == 1 and m.phase is Phase.COLLECTING
