@@ -59,3 +59,22 @@ def test_custom_checks_run_and_a_broken_one_is_a_red_run():
 def test_recorded_metrics_are_the_voters_median():
     votes = [{"eval_loss": 2.0}, {"eval_loss": 100.0}, {"eval_loss": 2.1}, {"eval_loss": 1.9, "acc": 0.5}]
     assert median_metrics(votes) == {"acc": 0.5, "eval_loss": 2.1}
+
+
+def test_p2pmodel_ci_runs_the_gate_offline_and_exits_1_when_red(tmp_path, capsys):
+    from p2pmodel.cli import main
+    from p2pmodel.lineage import LineageStore
+    from p2pmodel.tasks import load_task
+
+    opts = '{"train_bytes": 20000, "eval_batches": 1, "eval_bytes": 8192}'
+    model = load_task("charlm", train_bytes=20000, eval_batches=1, eval_bytes=8192).build_model()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    repo = tmp_path / "repo"
+    with LineageStore.init(repo) as store:
+        seed = store.commit(state, message="seed")
+        broken = {k: (v * 50 if v.is_floating_point() else v) for k, v in state.items()}
+        store.commit(broken, parents=(seed.id,), message="scaled x50")
+    assert main(["--repo", str(repo), "ci", "main~1", "--task-options", opts]) == 0
+    assert "CI: passed" in capsys.readouterr().out
+    assert main(["--repo", str(repo), "ci", "main", "--task-options", opts]) == 1
+    assert "regressed past the parent" in capsys.readouterr().out

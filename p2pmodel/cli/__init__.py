@@ -5,6 +5,7 @@ Each module here registers a group of subcommands:
 - `repo.py`   — init, commit, log, show, diff, export, branch, tag, verify, gc
 - `merge.py`  — merge
 - `swarm.py`  — join, status, demo
+- `ci.py`     — ci (the CI gate, offline)
 
 A subcommand module exposes `register(subparsers)`; each parser sets `func=handler`, where
 `handler(args) -> int` returns the exit code. Errors derived from `P2PModelError` become one
@@ -23,7 +24,7 @@ from p2pmodel.errors import P2PModelError
 
 __all__ = ["main", "build_parser"]
 
-_COMMAND_MODULES = ("repo", "merge", "swarm")
+_COMMAND_MODULES = ("repo", "merge", "swarm", "ci")
 
 
 def build_parser() -> argparse.ArgumentParser:
