@@ -83,6 +83,8 @@ class EventConfig:
     min_members: int = 1  # a round closes before its collect window only once this many peers delivered
     round_deadline: float = 180.0  # seconds from entering a round until it fails if nothing committed
     ci_max_regression: float = 0.10  # a version whose eval loss exceeds base's by more than this fraction fails CI
+    ci_max_regression_best: float = 0.20  # ... or exceeds the best of the last ci_window versions' by this fraction
+    ci_window: int = 8  # versions back the CI gate's "best" looks at (slow drift fails)
     max_delta_bytes: int = 256 * 1024 * 1024  # largest encoded delta a peer accepts (bytes)
     seed: int = 0  # seed of the model's initial parameters
 

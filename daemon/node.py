@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from p2pmodel.daemon.certificates import serve_certificates
 from p2pmodel.daemon.config import EventConfig, NodeConfig, event_from_mapping, load_event
 from p2pmodel.daemon.logs import get_logger
 from p2pmodel.daemon.status import LagMonitor, StatusServer
@@ -154,7 +155,6 @@ class Node:
             NodeError / TransportError / ConfigError: something could not be opened; what was
             opened before it is closed again.
         """
-        from p2pmodel.daemon.rounds import RoundRunner  # imports protocols.round and the codec
 
         self = cls(_created=True)
         self.config = config
@@ -182,6 +182,7 @@ class Node:
             )
             self._closers.append(("transport", self.transport.shutdown))
             self.transport.add_source(self._serve_lineage_object, kind="lineage")
+            await serve_certificates(self.transport, self.store)  # joiners check the chain with them
             self.trainer = Trainer(
                 self.task,
                 config.device,
@@ -190,7 +191,20 @@ class Node:
                 cpu_threads=config.cpu_threads,
             )
             self._closers.append(("trainer", self.trainer.close))
-            self.runner = RoundRunner(self, head)
+            from p2pmodel.daemon.faults import runner_class
+
+            self.runner = runner_class(config.fault)(
+                event=self.event,
+                identity=self.identity,
+                store=self.store,
+                transport=self.transport,
+                trainer=self.trainer,
+                head=head,
+                record_error=self.record_error,
+                request_stop=self.stop,
+                max_rounds=config.max_rounds,
+                shutdown_timeout=config.shutdown_timeout,
+            )
             self.status_server = await StatusServer.create(self.status, config.status_port)
             self._closers.append(("status", self.status_server.close))
             (home / "node.json").write_text(

@@ -1,12 +1,13 @@
 """`RoundRunner`: the thin shell around `protocols.round.RoundMachine` (STYLE.md §4).
 
-It does four things: read DHT records (verifying each signature) and feed them to the
-machine as events; feed it time (`Tick` at `next_deadline()`); carry out the actions it
+It does four things: take records pushed by peers (gossip.py) or read from the DHT (verifying
+each signature) and feed them to the machine as events; feed it time (`Tick` at `next_deadline()`); carry out the actions it
 returns; feed their results back as events. Every decision is the machine's.
 
 | action          | what the runner does                                                         |
 | --------------- | ---------------------------------------------------------------------------- |
-| Publish         | sign with our identity, store under the round's DHT key                       |
+| Publish         | sign with our identity, push to the peers we know (not a Commit), store under |
+|                 | the round's DHT key                                                           |
 | StartTraining   | H inner steps in the trainer thread; add kept deltas; encode with error        |
 |                 | feedback; serve the bytes by hash -> TrainingDone                             |
 | KeepDelta       | keep that raw delta to add into the next one (and roll back error feedback)   |
@@ -30,20 +31,23 @@ proposal hash) and the contributors (peers whose deltas were merged).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from p2pmodel.daemon.gossip import Gossip
 from p2pmodel.daemon.logs import Progress, get_logger
-from p2pmodel.daemon.sync import CertifiedVersion, SyncError, commit_signers, sync_version, verify_commit
+from p2pmodel.daemon.sync import CertifiedVersion, SyncError, commit_signers, sync_version, verify_by_chain, verify_commit
 from p2pmodel.daemon.transport import FetchError, TransportError, expiration_in
 from p2pmodel.errors import P2PModelError
-from p2pmodel.lineage import Annotations, LineageError, Version
-from p2pmodel.merge import METHODS, merge_deltas
+from p2pmodel.ci import CIGate, median_metrics, run_gate
+from p2pmodel.lineage import Annotations, LineageError, LineageStore, Version
 from p2pmodel.protocols import round as rm
 from p2pmodel.protocols.codec import CodecConfig, DeltaCodec
 from p2pmodel.protocols.errors import RemoteProtocolError
@@ -59,17 +63,26 @@ from p2pmodel.protocols.messages import (
     message_hash,
 )
 from p2pmodel.protocols.signing import open_signed, sign
-from p2pmodel.training import outer_step
+from p2pmodel.versioning import Contribution, OuterOptimizer, RoundSpec, build_round_version
 
 if TYPE_CHECKING:
-    from p2pmodel.daemon.node import Node
+    from p2pmodel.daemon.config import EventConfig
+    from p2pmodel.daemon.trainer import Trainer
+    from p2pmodel.daemon.transport import Transport
+    from p2pmodel.protocols.signing import PeerIdentity
 
 __all__ = ["RoundRunner", "RoundTimes"]
 
 logger = get_logger(__name__)
 
-POLL_INTERVAL = 1.5  # seconds between reads of the current round's DHT keys
-SLOW_POLL_EVERY = 3  # the head and the next round's members are read every this many polls
+# Records reach live peers by push (gossip.py); the DHT is read to catch what a push missed, for
+# late joiners, and before timed decisions. Measured on loopback (scripts/bench_control): one read
+# of a key costs 2.4 kB on the wire with 3 peers and 11 kB with 8, empty or not, so reads are rare.
+POLL_MIN = 10.0  # seconds between reads of the current round's keys after a read that found news
+POLL_MAX = 60.0  # each read that finds nothing new doubles the interval, up to this
+POLL_HEAD_EVERY = 60.0  # seconds between reads of the head key and the next round's members
+POLL_BEFORE_DEADLINE = 2.0  # the round's keys are read this long before each machine deadline
+POLL_TICK = 0.5  # seconds between checks of the above
 HEAD_TTL = 24 * 3600.0  # seconds a published Commit stays in the DHT
 
 
@@ -111,6 +124,22 @@ class _Peer:
 
 
 @dataclass
+class _Delivery:
+    """How records travel besides the machine's say: when `_poll_loop` reads the DHT next
+    (monotonic seconds), our recent records (pushed again to each peer we meet), warned peers."""
+
+    interval: float = POLL_MIN
+    next_read: float = 0.0  # 0: at once (a node that just started reads what it missed)
+    next_head: float = 0.0
+    deadline_read: float | None = None  # the machine deadline we already read for
+    last_read: float = 0.0
+    head_due: bool = False  # a record showed a head newer than ours: read the head key soon
+    read_due: bool = False  # a record came from (or named) a peer we cannot reach yet: read soon
+    warned: set[str] = field(default_factory=set)  # peers whose failed connect was logged at warning level
+    recent: deque = field(default_factory=lambda: deque(maxlen=16))  # (round, envelope) we published
+
+
+@dataclass
 class _Candidate:
     """A version our merge produced, held until a quorum commits it (or another one)."""
 
@@ -120,21 +149,44 @@ class _Candidate:
 
 
 class RoundRunner:
-    """Drives one RoundMachine for `node`. `run()` returns when the node stops or `max_rounds` is reached."""
+    """Drives one RoundMachine. `run()` returns when the node stops or `max_rounds` is reached.
 
-    def __init__(self, node: "Node", head: str):
-        self.node = node
-        self.event = node.event
-        self.prefix = node.event.dht_prefix()
-        self.codec = DeltaCodec(CodecConfig(**node.event.codec))
+    Its collaborators are passed in, not found through the node: the event (what every peer
+    agrees on), our identity, the lineage store, the transport, the trainer, and two callbacks
+    into the supervisor (`record_error` for the status page, `request_stop` to leave).
+    """
+
+    def __init__(
+        self,
+        *,
+        event: "EventConfig",
+        identity: "PeerIdentity",
+        store: LineageStore,
+        transport: "Transport",
+        trainer: "Trainer",
+        head: str,
+        record_error: Callable[[str], None],
+        request_stop: Callable[[], None],
+        max_rounds: int = 0,
+        shutdown_timeout: float = 10.0,
+    ):
+        self.event, self.identity, self.store, self.transport, self.trainer = event, identity, store, transport, trainer
+        self.record_error, self.request_stop = record_error, request_stop
+        self.max_rounds, self.shutdown_timeout = max_rounds, shutdown_timeout
+        self.prefix = event.dht_prefix()
+        self.codec = DeltaCodec(CodecConfig(**event.codec))
         self.feedback = self.codec.feedback()
+        self.outer = OuterOptimizer(lr=event.outer_lr, momentum=event.outer_momentum)
+        self.gate = CIGate(
+            max_regression=event.ci_max_regression, max_regression_best=event.ci_max_regression_best, window=event.ci_window
+        )
         cfg = rm.RoundConfig(
-            collect_window=node.event.collect_window,
-            proposal_timeout=node.event.proposal_timeout,
-            round_deadline=node.event.round_deadline,
-            min_members=node.event.min_members,
-            method=node.event.merge_method,
-            params=tuple(sorted(node.event.merge_params.items())),
+            collect_window=event.collect_window,
+            proposal_timeout=event.proposal_timeout,
+            round_deadline=event.round_deadline,
+            min_members=event.min_members,
+            method=event.merge_method,
+            params=tuple(sorted(event.merge_params.items())),
         )
         self.machine: rm.RoundMachine | None = None
         self.round_config = cfg
@@ -151,6 +203,7 @@ class RoundRunner:
         self._tasks: set[asyncio.Task] = set()
         self._seen_records: set[bytes] = set()
         self._peers: dict[str, _Peer] = {}  # our peer ids -> libp2p reachability
+        self._gossip, self._delivery = Gossip(transport, self._receive, targets=self._push_targets), _Delivery()
         self._announced: dict[str, DeltaAnnouncement] = {}  # delta hash -> announcement
         self._delta_bytes: dict[str, tuple[int, bytes]] = {}  # delta hash -> (round, encoded bytes)
         self._own_raw: dict[str, tuple[dict[str, torch.Tensor], int]] = {}  # our hash -> (raw delta, samples)
@@ -160,20 +213,24 @@ class RoundRunner:
         self._candidates: dict[str, _Candidate] = {}
         self._eval_cache: dict[str, dict[str, float]] = {}
         self._bytes_mark = (0, 0)
+        self.commits_refused = 0  # head commits a joiner refused (forged, or a chain that does not check)
+        self._decoded: dict[str, dict[str, torch.Tensor]] = {}  # delta hash -> screened, decoded delta
+        self.exclusions: list[dict[str, Any]] = []  # recent deltas refused by screening: round, peer, reason
+        self._busy_mark = 0.0
 
     # ------------------------------------------------------------------------------ startup
 
     async def _initial_head(self) -> tuple[str, int | None, frozenset[str]]:
         """Our head, after catching up with the newest certified commit in the DHT."""
-        store = self.node.store
+        store = self.store
         head = store.branches()["main"]
         version = await asyncio.to_thread(store.get_version, head)
-        best = await self._newest_commit()
+        best = await self._newest_commit(head, self._electorate_of(version))
         if best is not None and (version.round is None or best.round > version.round):
             await self._learn_peers([best.round, best.round + 1])
             peers = self._libp2p_for(best.members)
             t0 = time.monotonic()
-            await sync_version(self.node.transport, store, best, peers, branch="main")
+            await sync_version(self.transport, store, best, peers, branch="main")
             logger.info("caught up", head=best.id[:12], round=best.round, seconds=round(time.monotonic() - t0, 2))
             head, version = best.id, best.version
         return head, version.round, self._electorate_of(version)
@@ -182,8 +239,9 @@ class RoundRunner:
         members = (version.merge or {}).get("members") if version.round is not None else None
         return frozenset(members) if members else frozenset({self.event.seeder})
 
-    async def _newest_commit(self) -> CertifiedVersion | None:
-        """The newest commit in the DHT whose record a signer serves and whose certificate checks."""
+    async def _newest_commit(self, head: str, electorate: frozenset[str]) -> CertifiedVersion | None:
+        """The newest commit in the DHT whose record a signer serves and that the commit rule accepts
+        from where we stand (`head`, whose `electorate` we trust): see `sync.verify_commit`."""
         commits = []
         for value in (await self._fetch_key(f"{self.prefix}/head")).values():
             try:
@@ -194,10 +252,22 @@ class RoundRunner:
             await self._learn_peers([msg.round, msg.round + 1])
             peers = self._libp2p_for(commit_signers(msg))[:8]
             try:
-                record = await self.node.transport.fetch_from_any(peers, msg.version_id, max_size=MAX_RECORD, kind="version", timeout=60)
-                return verify_commit(msg, record)
-            except (FetchError, SyncError) as e:
+                record = await self.transport.fetch_from_any(peers, msg.version_id, max_size=MAX_RECORD, kind="version", timeout=60)
+            except FetchError as e:
                 logger.debug("ignoring head record", round=msg.round, version=msg.version_id[:12], error=str(e))
+                continue
+            try:
+                return verify_commit(msg, record, electorate=electorate, head=head)
+            except SyncError:
+                pass  # not vouched for by peers we know: check every link from our head instead
+            try:
+                return await verify_by_chain(
+                    self.transport, self.store, msg, record, head=head, electorate=electorate,
+                    peers=self._libp2p_for(commit_signers(msg)),
+                )  # fmt: skip
+            except SyncError as e:
+                self.commits_refused += 1
+                logger.warning("refusing a head commit", round=msg.round, version=msg.version_id[:12], error=str(e))
         return None
 
     async def _learn_peers(self, rounds: list[int]) -> None:
@@ -214,17 +284,26 @@ class RoundRunner:
         known = self._peers.get(msg.peer_id)
         if known is None or known.libp2p_id != msg.libp2p_id:
             self._peers[msg.peer_id] = _Peer(msg.libp2p_id, tuple(msg.addrs), msg.round)
-            if msg.peer_id != self.node.identity.peer_id and msg.addrs:
+            if msg.peer_id != self.identity.peer_id and msg.addrs:
                 try:
-                    await self.node.transport.connect(msg.libp2p_id, msg.addrs)
-                except Exception as e:  # unreachable now; a later fetch retries through the DHT's routes
-                    logger.debug("connect failed", peer=msg.peer_id[:12], error=repr(e))
+                    await self.transport.connect(msg.libp2p_id, msg.addrs)
+                except TransportError as e:  # unreachable now; pushes retry, fetches use the DHT's routes
+                    warned = self._delivery.warned
+                    log = logger.debug if msg.peer_id in warned else logger.warning
+                    warned.add(msg.peer_id)
+                    log("connect failed", peer=msg.peer_id[:12], addrs=list(msg.addrs)[:2], error=str(e))
+            if msg.peer_id != self.identity.peer_id:
+                # What we published before we knew it went to the DHT only: push it our recent records.
+                r = self.machine.round if self.machine is not None else None
+                for round_, envelope in self._delivery.recent:
+                    if r is None or round_ >= r - 1:
+                        self._gossip.push(envelope, [msg.libp2p_id])
         else:
             known.last_round = max(known.last_round, msg.round)
 
     def _libp2p_for(self, peer_ids) -> list[str]:
         """libp2p ids of these peers, then every other peer we know; most recently seen first."""
-        me = self.node.identity.peer_id
+        me = self.identity.peer_id
         recent = sorted(((p.last_round, k) for k, p in self._peers.items() if k != me), reverse=True)
         wanted = set(peer_ids)
         first = [self._peers[k].libp2p_id for _, k in recent if k in wanted]
@@ -236,18 +315,19 @@ class RoundRunner:
     async def run(self) -> None:
         head, head_round, electorate = await self._initial_head()
         self.head, self.head_round = head, head_round
-        transport = self.node.transport
-        me = self.node.identity
+        transport = self.transport
+        me = self.identity
         peer = rm.PeerInfo(
             peer_id=me.peer_id,
             public_key=me.public_key,
             libp2p_id=transport.peer_id.to_base58(),
             addrs=tuple((await transport.visible_maddrs())[:16]),
             event_hash=self.event.event_hash(),
-            capabilities=(("device", self.node.trainer.device),),
+            capabilities=(("device", self.trainer.device),),
         )
         self.machine = rm.RoundMachine(peer, self.round_config)
-        await self.node.trainer.start(await asyncio.to_thread(self.node.store.state_dict, head))
+        await self.trainer.start(await asyncio.to_thread(self.store.state_dict, head))
+        await self._gossip.start()
         self._spawn(self._poll_loop(), "poll")
         if self.progress.enabled:
             self._spawn(self._progress_loop(), "progress")
@@ -271,10 +351,10 @@ class RoundRunner:
         """
         if self._accepting:
             self._accepting = False
-            self.node.trainer.stop()
+            self.trainer.stop()
             m = self.machine
             if m is not None and m.phase in (rm.Phase.MERGING, rm.Phase.VOTED):
-                self._spawn(self._stop_after_round(m.round, self.node.config.shutdown_timeout / 2), "finish round")
+                self._spawn(self._stop_after_round(m.round, self.shutdown_timeout / 2), "finish round")
             else:
                 self.events.put_nowait(rm.Stop(time.time()))
 
@@ -289,7 +369,7 @@ class RoundRunner:
         """Called by the node's shutdown: make sure a Departure went out, then stop background work."""
         if not self._stop_sent and self.machine is not None and self.machine.round is not None:
             self._stop_sent = True
-            await self._publish(Departure(peer_id=self.node.identity.peer_id, round=self.machine.round, time=time.time()))
+            await self._publish(Departure(peer_id=self.identity.peer_id, round=self.machine.round, time=time.time()))
         await self._drain()
 
     async def _drain(self) -> None:
@@ -310,6 +390,8 @@ class RoundRunner:
             self._stop_sent = True
         for action in self.machine.process(event):
             await self._execute(action)
+        if self.machine.only_we_are_missing():
+            self.trainer.finish_early()  # the others are done: deliver what we have
 
     def _spawn(self, coro, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -319,7 +401,7 @@ class RoundRunner:
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            self.node.record_error(f"{task.get_name()} failed: {task.exception()!r}")
+            self.record_error(f"{task.get_name()} failed: {task.exception()!r}")
 
     def _post(self, event) -> None:
         if self.machine is not None and self.machine.phase is not rm.Phase.STOPPED:
@@ -333,60 +415,119 @@ class RoundRunner:
         kind = {PeerAnnouncement: "members", Departure: "members", DeltaAnnouncement: "deltas", Proposal: "proposal", Vote: "votes"}[type(msg)]
         return f"{self.prefix}/r/{msg.round}/{kind}"
 
+    def _push_targets(self) -> list[str]:
+        """libp2p ids our records are pushed to: peers seen in the last two rounds, not departed."""
+        m = self.machine
+        r = m.round if m is not None else None
+        me = self.identity.peer_id
+        return [p.libp2p_id for k, p in self._peers.items() if k != me and (r is None or p.last_round >= r - 2)]
+
     async def _publish(self, msg: Message) -> None:
-        envelope = sign(msg, self.node.identity)
+        envelope = sign(msg, self.identity)
+        self._seen_records.add(hashlib.sha256(envelope).digest())  # coming back from the DHT is no news
         if isinstance(msg, Vote):
             self._vote_envelopes[(msg.round, msg.voter)] = envelope
+        if not isinstance(msg, Commit):
+            # One hop to every peer we know. A Commit is not pushed: live peers commit from the
+            # votes they were pushed; it is for late joiners and laggards, who read the head key.
+            self._delivery.recent.append((msg.round, envelope))
+            self._gossip.push(envelope)
         ttl = HEAD_TTL if isinstance(msg, Commit) else 3 * self.event.round_deadline
         key = self._key_of(msg)
         for attempt in range(3):
             try:
-                ok = await self.node.transport.publish(key, self.node.identity.peer_id, envelope, expiration_in(ttl), kind=msg.TYPE)
+                ok = await self.transport.publish(key, self.identity.peer_id, envelope, expiration_in(ttl), kind=msg.TYPE)
                 if ok:
                     return
             except TransportError as e:
                 logger.debug("publish failed", key=key, error=str(e))
             await asyncio.sleep(0.5 * (attempt + 1))
-        self.node.record_error(f"could not publish {msg.TYPE} to {key}")
+        self.record_error(f"could not publish {msg.TYPE} to {key}")
 
     async def _fetch_key(self, key: str) -> dict[str, bytes]:
         try:
-            return await self.node.transport.fetch(key, kind="record")
+            return await self.transport.fetch(key, kind="record")
         except TransportError as e:
             logger.debug("dht read failed", key=key, error=str(e))
             return {}
 
     async def _poll_loop(self) -> None:
-        """Read the current round's keys (and the next round's members, and the head) forever."""
-        polls = 0
-        while True:
-            machine = self.machine
-            r = machine.round if machine is not None else None
-            if r is not None:
-                keys = [f"{self.prefix}/r/{r}/{k}" for k in ("members", "deltas", "proposal", "votes")]
-                if polls % SLOW_POLL_EVERY == 0:  # catching up and skipping ahead need no hurry
-                    keys += [f"{self.prefix}/r/{r + 1}/members", f"{self.prefix}/head"]
-                polls += 1
-                results = await asyncio.gather(*(self._fetch_key(k) for k in keys))
-                for records in results:
-                    for subkey, value in records.items():
-                        await self._receive(subkey, value)
-            await asyncio.sleep(POLL_INTERVAL)
+        """Read the DHT for what pushes missed: the current round's keys in one search, at once on
+        start, then every POLL_MIN seconds, backing off to POLL_MAX while reads bring nothing new,
+        once shortly before each of the machine's deadlines (a timed decision should see every
+        record), and soon after a record came from a peer whose announcement we missed; the head
+        key and the next round's members every POLL_HEAD_EVERY seconds, or soon after a record
+        showed a head newer than ours. On exit, queued pushes get 2 s to go out."""
+        poll = self._delivery
+        try:
+            while True:
+                machine = self.machine
+                r = machine.round if machine is not None else None
+                now = time.monotonic()
+                if r is not None:
+                    deadline = machine.next_deadline()
+                    near = (
+                        deadline is not None
+                        and deadline != poll.deadline_read
+                        and deadline - time.time() <= POLL_BEFORE_DEADLINE
+                        and now - poll.last_read >= POLL_BEFORE_DEADLINE
+                    )
+                    head = now >= poll.next_head or (poll.head_due and now >= poll.next_head - POLL_HEAD_EVERY + POLL_MIN)
+                    due = poll.read_due and now - poll.last_read >= POLL_BEFORE_DEADLINE
+                    if near or head or due or now >= poll.next_read:
+                        keys = [f"{self.prefix}/r/{r}/{k}" for k in ("members", "deltas", "proposal", "votes")]
+                        if head:
+                            keys += [f"{self.prefix}/r/{r + 1}/members", f"{self.prefix}/head"]
+                            poll.next_head, poll.head_due = now + POLL_HEAD_EVERY, False
+                        if near:
+                            poll.deadline_read = deadline
+                        poll.last_read, poll.read_due = now, False
+                        new = await self._read_keys(keys)
+                        poll.interval = POLL_MIN if new else min(2 * poll.interval, POLL_MAX)
+                        poll.next_read = time.monotonic() + poll.interval
+                await asyncio.sleep(POLL_TICK)
+        finally:
+            await self._gossip.close(timeout=2.0)
 
-    async def _receive(self, subkey: str, value: bytes) -> None:
+    async def _read_keys(self, keys: list[str]) -> int:
+        """Read `keys` in one DHT search and receive their records; returns how many were new."""
+        try:
+            found = await self.transport.fetch_many(keys, kind="record")
+        except TransportError as e:
+            logger.debug("dht read failed", keys=len(keys), error=str(e))
+            return 0
+        new = 0
+        for records in found.values():
+            for subkey, value in records.items():
+                new += await self._receive(subkey, value)
+        return new
+
+    async def _receive(self, subkey: str, value: bytes) -> bool:
+        """Feed a record (from the DHT or a push) to the machine once; True if it was new and valid."""
         digest = hashlib.sha256(value).digest()
         if digest in self._seen_records:
-            return
+            return False
         self._seen_records.add(digest)
         try:
             msg, signer = open_signed(value)
         except RemoteProtocolError as e:
             logger.debug("dropped record", signer=subkey[:12], error=str(e))
-            return
+            return False
+        base = getattr(msg, "base_version", None)
+        current = self.machine.round if self.machine is not None else None
+        if base is not None and base != self.head and current is not None and msg.round >= current:
+            self._delivery.head_due = True  # its sender built on a head we do not have: read the head key soon
+        named = set(msg.members if isinstance(msg, Proposal) else (signer,)) - {self.identity.peer_id}
+        if not isinstance(msg, (PeerAnnouncement, Departure)) and not named <= self._peers.keys():
+            self._delivery.read_due = True  # we missed its announcement: learn where to push to
         if isinstance(msg, PeerAnnouncement):
             if msg.event_hash != self.event.event_hash():
-                return
+                return False
             await self._note_peer(msg)
+        elif isinstance(msg, Departure):
+            known = self._peers.get(msg.peer_id)
+            if known is not None and msg.round >= known.last_round - 1:  # not an old one from the DHT
+                known.last_round = -1  # no more pushes to it until it announces itself again
         elif isinstance(msg, DeltaAnnouncement):
             self._announced[msg.delta_hash] = msg
         elif isinstance(msg, Vote):
@@ -394,11 +535,14 @@ class RoundRunner:
         elif isinstance(msg, Commit):
             self._note_commit(msg)
         self._post(rm.MessageReceived(time.time(), msg, signer))
+        return True
 
     # ------------------------------------------------------------------------------ actions
 
     async def _execute(self, a) -> None:
         if isinstance(a, rm.Publish):
+            if isinstance(a.message, DeltaAnnouncement):
+                self._announced[a.message.delta_hash] = a.message
             self._spawn(self._publish(a.message), f"publish {a.message.TYPE}")
         elif isinstance(a, rm.EnterRound):
             self._enter_round(a)
@@ -424,46 +568,54 @@ class RoundRunner:
             raise TypeError(f"unknown action {a!r}")
 
     def _enter_round(self, a: rm.EnterRound) -> None:
-        counters = self.node.transport.counters
+        counters = self.transport.counters
         self._bytes_mark = (counters.total_sent(), counters.total_received())
+        self._busy_mark = self.trainer.busy_seconds
+        self.trainer.finish_early(False)
         self.times = RoundTimes(a.round, time.time())
         # forget payloads of rounds long gone; our own stay served for stragglers one round more
         for h, (r, _) in list(self._delta_bytes.items()):
             if r < a.round - 1:
                 del self._delta_bytes[h]
-                self.node.transport.drop_blob(h)
+                self._decoded.pop(h, None)
+                self.transport.drop_blob(h)
                 self._own_raw.pop(h, None)
+        for h in [h for h, m in self._announced.items() if m.round < a.round - 2]:
+            del self._announced[h]
         for key in [k for k in self._vote_envelopes if k[0] < a.round - 16]:
             del self._vote_envelopes[key]
         logger.info("entered round", round=a.round, base=a.base_version[:12])
 
     async def _train(self, a: rm.StartTraining) -> None:
-        node = self.node
-        base = await asyncio.to_thread(node.store.state_dict, a.base_version)
+        base = await asyncio.to_thread(self.store.state_dict, a.base_version)
         start, kept_samples = base, 0
         if self._kept is not None:
             # Continue from where our unmerged work left off (base + kept delta) instead of adding
             # the kept delta to a fresh one: two deltas trained from one base would count twice.
             kept, kept_samples = self._kept
             start = {k: base[k] + kept[k].to(base[k].dtype) for k in base}
-        t0 = time.monotonic()
-        result, delta = await node.trainer.train_round(start, self.event.inner_steps)
-        if self.times is not None:
-            self.times.training += time.monotonic() - t0
+        result, delta = await self.trainer.train_round(start, self._step_budget())
         samples = result.samples + kept_samples
         if self._kept is not None:
             delta = {k: delta[k] + self._kept[0][k] for k in delta}  # relative to the round's base
             self._kept = None
         if not all(torch.isfinite(t).all() for t in delta.values()):
-            node.record_error(f"round {a.round}: training produced NaN/Inf; the delta is dropped")
+            self.record_error(f"round {a.round}: training produced NaN/Inf; the delta is dropped")
             self.feedback.reset()
             delta = {k: torch.zeros_like(t) for k, t in delta.items()}
-        encoded = await node.trainer.call(self.feedback.encode, delta)
+        delta, samples = self._outgoing_delta(delta, samples)
+        encoded = await self.trainer.call(self.feedback.encode, delta)
+        encoded = dataclasses.replace(encoded, data=self._outgoing_bytes(encoded.data))
         h = hashlib.sha256(encoded.data).hexdigest()
+        # our norm as the others will see it: of what they decode, not of the raw delta
+        try:
+            norm = await self.trainer.call(_decoded_norm, self.codec, encoded.data, self.store.get_version(a.base_version).tensors)
+        except (ValueError, P2PModelError):
+            norm = None  # only bytes we tampered with fail here (see faults.py); the others judge them
         self._delta_bytes[h] = (a.round, encoded.data)
         self._own_raw[h] = (delta, samples)
         self._last_encoded = h
-        node.transport.put_blob(encoded.data, kind="delta_chunk")
+        self.transport.put_blob(encoded.data, kind="delta_chunk")
         logger.info(
             "trained",
             round=a.round,
@@ -473,7 +625,21 @@ class RoundRunner:
             delta_bytes=len(encoded.data),
             ratio=round(encoded.ratio, 1),
         )
-        self._post(rm.TrainingDone(time.time(), h, max(1, samples), len(encoded.data)))
+        self._post(rm.TrainingDone(time.time(), h, max(1, samples), len(encoded.data), norm=norm))
+        self.trainer.train_ahead(self.event.inner_steps)  # never idle while the swarm merges
+
+    def _outgoing_delta(self, delta: dict[str, torch.Tensor], samples: int) -> tuple[dict[str, torch.Tensor], int]:
+        """What we send: our delta and samples, unchanged (daemon/faults.py's liars override this)."""
+        return delta, samples
+
+    def _outgoing_bytes(self, data: bytes) -> bytes:
+        """The encoded delta we serve, unchanged (a liar in daemon/faults.py overrides it)."""
+        return data
+
+    def _step_budget(self) -> int:
+        """Inner steps for this round: at most the event's H. A slower peer takes fewer: its
+        training ends once every other expected peer delivered (`only_we_are_missing`)."""
+        return self.event.inner_steps
 
     def _keep_delta(self, a: rm.KeepDelta) -> None:
         own = self._own_raw.get(a.delta_hash)
@@ -495,7 +661,7 @@ class RoundRunner:
             peers = self._libp2p_for([a.peer_id])
             t0 = time.monotonic()
             try:
-                data = await self.node.transport.fetch_from_any(
+                data = await self.transport.fetch_from_any(
                     peers[:4],
                     a.delta_hash,
                     max_size=self.event.max_delta_bytes,
@@ -506,10 +672,41 @@ class RoundRunner:
                 self._delta_bytes[a.delta_hash] = (self.machine.round or 0, data)
                 ok = True
             except FetchError as e:
-                self.node.record_error(f"delta {a.delta_hash[:12]} from {a.peer_id[:12]}: {e.reason}")
+                self.record_error(f"delta {a.delta_hash[:12]} from {a.peer_id[:12]}: {e.reason}")
             if self.times is not None:
                 self.times.communication += time.monotonic() - t0
-        self._post(rm.DeltaFetched(time.time(), a.delta_hash, ok))
+        if not ok:
+            self._post(rm.DeltaFetched(time.time(), a.delta_hash, False, reason="unfetchable"))
+            return
+        ann = self._announced.get(a.delta_hash)
+        base = ann.base_version if ann is not None else self.head
+        norm, reason = await self.trainer.call(self._screen, a.delta_hash, base)
+        if reason:
+            self.record_error(f"delta {a.delta_hash[:12]} from {a.peer_id[:12]} rejected: {reason}")
+            self.exclusions.append({"round": self.machine.round, "peer": a.peer_id, "reason": reason})
+            del self.exclusions[:-50]
+        self._post(rm.DeltaFetched(time.time(), a.delta_hash, not reason, norm=norm, reason=reason))
+
+    def _screen(self, delta_hash: str, base: str) -> tuple[float | None, str]:
+        """Decode a fetched delta and check it (in the merge thread): (L2 norm, "" or why it is unusable).
+
+        The decoder validates every size before allocating; here the values are checked: all
+        finite. The norm goes to the round machine, which compares it with the others'.
+        """
+        try:
+            manifest = self.store.get_version(base).tensors
+            decoded = self.codec.decode(self._delta_bytes[delta_hash][1], manifest)
+        except (ValueError, P2PModelError) as e:
+            return None, f"does not decode: {str(e)[:120]}"
+        except KeyError:
+            return None, "base version unknown"
+        sq = 0.0
+        for name, t in decoded.items():
+            if not torch.isfinite(t).all():
+                return None, f"non-finite values in {name}"
+            sq += float(t.double().square().sum())
+        self._decoded[delta_hash] = decoded
+        return math.sqrt(sq), ""
 
     async def _fetch_proposal(self, a: rm.FetchProposal) -> None:
         for value in (await self._fetch_key(f"{self.prefix}/r/{a.round}/proposal")).values():
@@ -526,90 +723,65 @@ class RoundRunner:
     async def _merge(self, a: rm.Merge) -> None:
         t0 = time.monotonic()
         try:
-            candidate = await self.node.trainer.call(self._build_version, a.proposal, a.proposal_hash)
-            metrics = await self.node.trainer.evaluate(dict(candidate[1]))
-            base_metrics = await self._eval_of(a.proposal.base_version)
+            version, params = await self.trainer.call(self._build_version, a.proposal, a.proposal_hash)
+            metrics = await self.trainer.evaluate(params)
+            parent, recent = await self._recent_metrics(a.proposal.base_version)
+            report = await asyncio.to_thread(run_gate, self.gate, metrics, parent=parent, recent=recent, params=params)
         except (ValueError, P2PModelError) as e:  # codec, lineage, merge and training errors derive from it
-            self.node.record_error(f"round {a.proposal.round}: merge of proposal {a.proposal_hash[:12]} failed: {e}")
+            self.record_error(f"round {a.proposal.round}: merge of proposal {a.proposal_hash[:12]} failed: {e}")
             self._post(rm.MergeFailed(time.time(), a.proposal_hash, str(e)[:200]))
             return
         finally:
             if self.times is not None:
                 self.times.merge += time.monotonic() - t0
-        version = candidate[0]
-        reason = self._ci_gate(metrics, base_metrics)
-        if reason:
-            self.node.record_error(f"round {a.proposal.round}: CI gate refused {version.id[:12]}: {reason}")
-            self._post(rm.MergeFailed(time.time(), a.proposal_hash, reason))
+        if not report.passed:
+            self.record_error(f"round {a.proposal.round}: CI gate refused {version.id[:12]}: {report.reason}")
+            self._post(rm.MergeFailed(time.time(), a.proposal_hash, report.reason[:200]))
             return
         self._candidates[version.id] = _Candidate(version, metrics, a.proposal_hash)
         self._eval_cache[version.id] = metrics
         logger.info("merged", round=a.proposal.round, version=version.id[:12], proposal=a.proposal_hash[:12], deltas=len(a.proposal.deltas), **{k: round(v, 4) for k, v in metrics.items()})
         self._post(rm.MergeDone(time.time(), a.proposal_hash, version.id, metrics))
 
-    def _ci_gate(self, metrics: dict[str, float], base: dict[str, float]) -> str:
-        if not all(math.isfinite(v) for v in metrics.values()):
-            return f"non-finite metrics {metrics}"
-        new, old = metrics.get("eval_loss"), base.get("eval_loss")
-        if new is not None and old is not None and new > old * (1 + self.event.ci_max_regression):
-            return f"eval_loss {new:.4f} regressed past {old:.4f} * (1 + {self.event.ci_max_regression})"
-        return ""
+    async def _recent_metrics(self, vid: str) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """Metrics of `vid` (the parent) and of its recent ancestors, newest first, for the CI gate."""
+        parent = await self._eval_of(vid)
+        ids = [v.id for v in await asyncio.to_thread(self.store.log, vid, self.gate.window)]
+        recent = []
+        for i in ids:
+            m = self._eval_cache.get(i)
+            if m is None:
+                m = dict((await asyncio.to_thread(self.store.annotations, i)).metrics or {})
+            recent.append(m)
+        return parent, recent
 
     async def _eval_of(self, vid: str) -> dict[str, float]:
         if vid not in self._eval_cache:
-            ann = await asyncio.to_thread(self.node.store.annotations, vid)
+            ann = await asyncio.to_thread(self.store.annotations, vid)
             if ann.metrics:
                 self._eval_cache[vid] = dict(ann.metrics)
             else:
-                state = await asyncio.to_thread(self.node.store.state_dict, vid)
-                self._eval_cache[vid] = metrics = await self.node.trainer.evaluate(state)
+                state = await asyncio.to_thread(self.store.state_dict, vid)
+                self._eval_cache[vid] = metrics = await self.trainer.evaluate(state)
                 # measured locally; kept so `log` can show where the lineage started from
-                await asyncio.to_thread(self.node.store.annotate, vid, metrics=metrics)
+                await asyncio.to_thread(self.store.annotate, vid, metrics=metrics)
         return self._eval_cache[vid]
 
     def _build_version(self, p: Proposal, proposal_hash: str) -> tuple[Version, dict[str, torch.Tensor]]:
-        """Deterministic merge of `p` on its base (runs in the trainer thread). Returns (version, params)."""
-        if not p.deltas:
-            raise ValueError("the proposal lists no deltas")
-        store = self.node.store
-        base_version = store.get_version(p.base_version)
-        base = store.state_dict(p.base_version)
-        decoded = [self.codec.decode(self._delta_bytes[d.delta_hash][1], base_version.tensors) for d in p.deltas]
-        weights = [d.weight for d in p.deltas]
-        method = METHODS.get(p.method)  # an unknown name fails in merge_deltas with its typed error
-        weighted = method is not None and method.param("weights") is not None  # median & co. take no weights
-        params = dict(p.params)
-        merged = {}
-        for name, t in base.items():
-            # tensors absent from a payload are zero deltas (the codec's rule)
-            parts = [d[name].to(torch.float32) if name in d else torch.zeros_like(t, dtype=torch.float32) for d in decoded]
-            merged[name] = merge_deltas(p.method, parts, weights=weights if weighted else None, seed=p.round, name=name, **params)
-            if not torch.isfinite(merged[name]).all():
-                raise ValueError(f"merged delta of {name} is not finite")
-        momentum = {k: store.get_tensor(e) for k, e in base_version.optimizer_state.items()} or None
-        new_params, new_momentum = outer_step(base, merged, momentum, lr=self.event.outer_lr, mu=self.event.outer_momentum)
-        new_params = {k: v.to(base[k].dtype) for k, v in new_params.items()}
-        tensors = {k: store.put_tensor(v) for k, v in new_params.items()}
-        optimizer_state = {k: store.put_tensor(v) for k, v in new_momentum.items()}
-        version = Version(
-            parents=(p.base_version,),
-            tensors=tensors,
-            message=f"round {p.round}: {p.method} of {len(p.deltas)} deltas",
-            time=p.time,
-            author=p.proposer,
-            round=p.round,
-            merge={
-                "method": p.method,
-                "params": params,
-                "deltas": [[d.peer_id, d.delta_hash, d.weight] for d in p.deltas],
-                "members": list(p.members),
-                "proposal": proposal_hash,
-                "outer": {"lr": self.event.outer_lr, "momentum": self.event.outer_momentum, "nesterov": True},
-            },
-            contributors=tuple(d.peer_id for d in p.deltas),
-            optimizer_state=optimizer_state,
-        )
-        return version, new_params
+        """Decode the proposal's deltas and build its version (in the trainer thread): see p2pmodel.versioning."""
+        manifest = self.store.get_version(p.base_version).tensors
+        contributions = [
+            Contribution(
+                d.peer_id, d.delta_hash, d.weight,
+                self._decoded.get(d.delta_hash) or self.codec.decode(self._delta_bytes[d.delta_hash][1], manifest),
+            )
+            for d in p.deltas
+        ]  # fmt: skip
+        spec = RoundSpec(
+            round=p.round, base_version=p.base_version, proposer=p.proposer, time=p.time, method=p.method,
+            members=tuple(p.members), proposal_hash=proposal_hash, params=dict(p.params),
+        )  # fmt: skip
+        return build_round_version(self.store, spec, contributions, self.outer)
 
     # ------------------------------------------------------------------------------ commits
 
@@ -617,9 +789,9 @@ class RoundRunner:
         return tuple(self._vote_envelopes[(round_, v.voter)] for v in votes if (round_, v.voter) in self._vote_envelopes)
 
     async def _commit_version(self, a: rm.CommitVersion) -> None:
-        store = self.node.store
+        store = self.store
         certificate = self._certificate(a.round, a.votes)
-        metrics = _median_metrics(a.votes)
+        metrics = median_metrics([v.metrics for v in a.votes])
         ann = Annotations(metrics=metrics, certificate={"round": a.round, "proposal": a.proposal_hash, "votes": list(certificate)})
         candidate = self._candidates.pop(a.version_id, None)
         if candidate is not None:
@@ -633,21 +805,26 @@ class RoundRunner:
         version = await asyncio.to_thread(store.get_version, a.version_id)
         self.rounds_joined += 1
         self._record_round(a, version, metrics)
-        if self.node.config.max_rounds and self.rounds_joined >= self.node.config.max_rounds:
+        if self.max_rounds and self.rounds_joined >= self.max_rounds:
             logger.info("max rounds reached", rounds=self.rounds_joined)
-            self.node.stop()
+            self.request_stop()
 
     def _record_round(self, a: rm.CommitVersion, version: Version, metrics: dict[str, float]) -> None:
-        counters = self.node.transport.counters
+        counters = self.transport.counters
         t = self.times
         entry: dict[str, Any] = {
             "round": a.round,
             "version": a.version_id,
             "contributors": len(version.contributors),
             "eval_loss": metrics.get("eval_loss"),
+            # every announced delta of the round vs those merged: what the swarm did with its work
+            "samples_trained": sum(m.samples for m in self._announced.values() if m.round == a.round and m.base_version == version.parents[0]),
+            "samples_merged": int(sum(d[2] for d in (version.merge or {}).get("deltas", ()))),
         }
         if t is not None and t.round == a.round:
             t.total = time.time() - t.entered
+            # steps taken ahead (while the last round merged) count: the thread was training
+            t.training = min(t.total, self.trainer.busy_seconds - self._busy_mark)
             t.bytes_sent = counters.total_sent() - self._bytes_mark[0]
             t.bytes_received = counters.total_received() - self._bytes_mark[1]
             entry.update(t.as_dict())
@@ -659,7 +836,7 @@ class RoundRunner:
             version=a.version_id[:12],
             contributors=len(version.contributors),
             eval_loss=round(metrics.get("eval_loss", float("nan")), 4),
-            **{k: v for k, v in entry.items() if k.endswith("_s") or k.startswith("bytes")},
+            **{k: v for k, v in entry.items() if k.endswith("_s") or k.startswith(("bytes", "samples"))},
         )
 
     def _note_commit(self, msg: Commit) -> None:
@@ -679,14 +856,14 @@ class RoundRunner:
     async def _sync(self, a: rm.SyncVersion) -> None:
         t0 = time.monotonic()
         try:
-            record = await self.node.transport.fetch_from_any(
+            record = await self.transport.fetch_from_any(
                 self._libp2p_for(a.from_peers)[:8], a.version_id, max_size=MAX_RECORD, kind="version", timeout=60
             )
             version = Version.from_bytes(record)
             target = CertifiedVersion(version, a.round, tuple((version.merge or {}).get("members") or ()), (), ())
-            await sync_version(self.node.transport, self.node.store, target, self._libp2p_for(a.from_peers), branch=None)
+            await sync_version(self.transport, self.store, target, self._libp2p_for(a.from_peers), branch=None)
         except (SyncError, FetchError, LineageError) as e:
-            self.node.record_error(f"sync of {a.version_id[:12]} failed: {e}")
+            self.record_error(f"sync of {a.version_id[:12]} failed: {e}")
             self._post(rm.SyncFailed(time.time(), a.version_id))
             return
         finally:
@@ -699,7 +876,7 @@ class RoundRunner:
 
     async def _progress_loop(self) -> None:
         while True:
-            p = self.node.trainer.progress
+            p = self.trainer.progress
             m = self.machine
             phase = m.phase.value if m is not None else "starting"
             loss = f"{p.loss:.3f}" if p.loss is not None else "-"
@@ -721,16 +898,12 @@ class RoundRunner:
             "peers": members,
             "rounds_joined": self.rounds_joined,
             "round_counters": dict(m.counters) if m is not None else {},
+            "commits_refused": self.commits_refused,
+            "exclusions": {"this_round": m.exclusions if m is not None else {}, "recent": self.exclusions[-10:]},
             "history": self.history[-10:],
             "current_round_times": self.times.as_dict() if self.times is not None else None,
         }
 
 
-def _median_metrics(votes) -> dict[str, float]:
-    names = sorted({k for v in votes for k in v.metrics})
-    out = {}
-    for k in names:
-        xs = sorted(v.metrics[k] for v in votes if k in v.metrics)
-        out[k] = xs[len(xs) // 2]
-    return out
-
+def _decoded_norm(codec: DeltaCodec, data: bytes, manifest) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in codec.decode(data, manifest).values()))

@@ -7,8 +7,8 @@ from a signer, since a record grows with the model and the DHT is for small valu
 
 1. the version record decodes (`Version.from_bytes` re-derives its id) and is the commit's;
 2. its merge spec names the round's `members` and the `proposal` hash;
-3. at least `quorum(len(members))` distinct members signed a `Vote` for exactly this id, round,
-   base (the version's parent) and proposal; each vote's Ed25519 signature verifies.
+3. the certificate satisfies the commit rule of `protocols/certificate.py` (the same function
+   the state machine calls) against the electorate this node already trusts.
 
 Only then are objects fetched: version records and tensor objects by id over the object
 stream, each verified twice (by the transport against the requested id, and by
@@ -26,12 +26,11 @@ from p2pmodel.daemon.logs import get_logger
 from p2pmodel.daemon.transport import FetchError, Transport
 from p2pmodel.errors import P2PModelError
 from p2pmodel.lineage import Annotations, LineageError, LineageStore, Version
-from p2pmodel.protocols.errors import RemoteProtocolError as WireError
+from p2pmodel.ci import median_metrics
+from p2pmodel.protocols.certificate import CertificateError, Link, check_link, open_certificate, quorum, verify_chain, vouches
 from p2pmodel.protocols.messages import MAX_RECORD, Commit, Vote
-from p2pmodel.protocols.round import quorum
-from p2pmodel.protocols.signing import open_signed
 
-__all__ = ["SyncError", "CertifiedVersion", "quorum", "commit_signers", "verify_commit", "sync_version"]
+__all__ = ["SyncError", "CertifiedVersion", "quorum", "commit_signers", "link_of", "verify_commit", "verify_by_chain", "sync_version"]
 
 logger = get_logger(__name__)
 
@@ -63,12 +62,7 @@ class CertifiedVersion:
 
     def metrics(self) -> dict[str, float]:
         """Per-metric median over the voters (peers measure on their own hardware)."""
-        names = sorted({k for v in self.votes for k in v.metrics})
-        out = {}
-        for k in names:
-            xs = sorted(v.metrics[k] for v in self.votes if k in v.metrics)
-            out[k] = xs[len(xs) // 2]
-        return out
+        return median_metrics([v.metrics for v in self.votes])
 
     def annotations(self) -> Annotations:
         cert = {"round": self.round, "votes": [bytes(e) for e in self.certificate]}
@@ -77,18 +71,31 @@ class CertifiedVersion:
 
 def commit_signers(commit: Commit) -> list[str]:
     """Peer ids whose votes in `commit`'s certificate verify: where to fetch its record from."""
-    signers = []
-    for envelope in commit.certificate:
-        try:
-            _, signer = open_signed(envelope, Vote)
-        except WireError:
-            continue
-        signers.append(signer)
-    return signers
+    return sorted(open_certificate(commit.certificate)[0])
 
 
-def verify_commit(commit: Commit, record: bytes) -> CertifiedVersion:
-    """Check the version `record` a commit names, and the commit's quorum certificate.
+def link_of(version: Version) -> Link:
+    """What a certificate of `version` must name (from its record's merge spec).
+
+    Raises:
+        SyncError: the record is not a round's version (no members, proposal or single parent).
+    """
+    merge: Any = version.merge or {}
+    members = merge.get("members") or ()
+    proposal = merge.get("proposal")
+    if not members or not isinstance(proposal, str) or version.round is None or len(version.parents) != 1:
+        raise SyncError(version.id, "not a committed round's version (members, proposal, round or parent missing)")
+    return Link(version.round, version.id, version.parents[0], proposal, frozenset(members))
+
+
+def verify_commit(commit: Commit, record: bytes, *, electorate: frozenset[str], head: str) -> CertifiedVersion:
+    """Check the version `record` a commit names, and the commit's certificate, by the commit rule.
+
+    `head` and `electorate` are what this node already trusts: its head version and the
+    electorate that head fixed. A commit on `head` must carry the full double quorum
+    (`protocols.certificate.check_link`); a commit further ahead must also be vouched for by
+    a weak quorum of `electorate` (one peer we trust signed it). A head forged by fresh keys
+    that name only themselves as members passes neither.
 
     Raises:
         SyncError: anything does not check.
@@ -100,31 +107,93 @@ def verify_commit(commit: Commit, record: bytes) -> CertifiedVersion:
     vid = version.id
     if vid != commit.version_id:
         raise SyncError(commit.version_id, f"the record served is version {vid[:12]}, not the one committed")
-    merge: Any = version.merge or {}
-    members = tuple(merge.get("members") or ())
-    proposal = merge.get("proposal")
-    if not members or not isinstance(proposal, str):
-        raise SyncError(vid, "its merge spec names no members or proposal")
-    if version.round != commit.round or len(version.parents) != 1:
-        raise SyncError(vid, f"round {version.round} / {len(version.parents)} parents do not match the commit")
-    votes: dict[str, Vote] = {}
-    for envelope in commit.certificate:
+    link = link_of(version)
+    if link.round != commit.round:
+        raise SyncError(vid, f"round {link.round} does not match the commit's {commit.round}")
+    votes, _ = open_certificate(commit.certificate)
+    try:
+        if link.base == head:
+            good = check_link(link, votes, electorate)
+        else:
+            good = check_link(link, votes, link.members)
+            if not vouches([v.voter for v in good], electorate):
+                raise CertificateError(vid, "no peer of our electorate vouches for it (a chain we cannot check)")
+    except CertificateError as e:
+        raise SyncError(vid, e.reason) from None
+    return CertifiedVersion(version, commit.round, tuple(sorted(link.members)), good, tuple(commit.certificate))
+
+
+MAX_CHAIN = 100_000  # versions a joiner walks back to its own head before giving up
+
+
+async def verify_by_chain(
+    transport: Transport,
+    store: LineageStore,
+    commit: Commit,
+    record: bytes,
+    *,
+    head: str,
+    electorate: frozenset[str],
+    peers: Sequence[str],
+) -> CertifiedVersion:
+    """Accept a commit far ahead of `head` by checking every link from `head` to it.
+
+    Walks the version records back from the commit to `head` (each fetched by id, so each is
+    what its child names), fetches each intermediate version's certificate, and checks the
+    chain with `protocols.certificate.verify_chain` starting from `electorate`: each link
+    certified by the electorate its parent fixed, the last one by the commit's certificate.
+    This is how a new node joins long after the founder left, and why a forged head (fresh
+    keys naming only themselves) is refused: its first link has no votes of the real electorate.
+
+    Raises:
+        SyncError: a record or certificate is missing, or a link does not check.
+    """
+    from p2pmodel.daemon.certificates import CertificateFetchError, fetch_certificate
+
+    try:
+        target = Version.from_bytes(record)
+    except LineageError as e:
+        raise SyncError(commit.version_id, f"bad version record ({e})") from None
+    if target.id != commit.version_id:
+        raise SyncError(commit.version_id, f"the record served is version {target.id[:12]}, not the one committed")
+    chain = [target]
+    while chain[-1].parents and chain[-1].parents[0] != head:
+        if len(chain) > MAX_CHAIN or chain[-1].round is None:
+            raise SyncError(commit.version_id, f"does not descend from our head {head[:12]}")
+        parent = chain[-1].parents[0]
+        data = await _fetch(transport, peers, parent, MAX_RECORD, "version")
         try:
-            vote, signer = open_signed(envelope, Vote)
-        except WireError:
-            continue  # one bad signature does not void the others
-        if (
-            signer in members
-            and vote.version_id == vid
-            and vote.round == commit.round
-            and vote.base_version == version.parents[0]
-            and vote.proposal_hash == proposal
-        ):
-            votes[signer] = vote
-    need = quorum(len(members))
-    if len(votes) < need:
-        raise SyncError(vid, f"certificate holds {len(votes)} valid votes of the {need} needed")
-    return CertifiedVersion(version, commit.round, members, tuple(votes.values()), tuple(commit.certificate))
+            chain.append(Version.from_bytes(data))
+        except LineageError as e:
+            raise SyncError(parent, f"bad version record ({e})") from None
+    if not chain[-1].parents:
+        raise SyncError(commit.version_id, f"does not descend from our head {head[:12]}")
+    chain.reverse()
+    links = [link_of(v) for v in chain]
+    certificates: list[Sequence[bytes]] = []
+    current = electorate
+    for link in links[:-1]:
+
+        def commits_link(votes: list[bytes], link: Link = link, current: frozenset[str] = current) -> bool:
+            try:
+                check_link(link, open_certificate(votes)[0], current)
+                return True
+            except CertificateError:
+                return False
+
+        try:
+            certificates.append(await fetch_certificate(transport, list(peers)[:8], link.version_id, commits_link))
+        except CertificateFetchError as e:
+            raise SyncError(link.version_id, e.reason) from None
+        current = link.members
+    certificates.append(commit.certificate)
+    try:
+        verify_chain(list(zip(links, certificates)), electorate)
+    except CertificateError as e:
+        raise SyncError(e.version_id, e.reason) from None
+    votes, _ = open_certificate(commit.certificate)
+    good = check_link(links[-1], votes, links[-2].members if len(links) > 1 else electorate)
+    return CertifiedVersion(target, commit.round, tuple(sorted(links[-1].members)), good, tuple(commit.certificate))
 
 
 async def _fetch(transport: Transport, peers: Sequence[str], oid: str, max_size: int, kind: str) -> bytes:
@@ -173,7 +242,7 @@ async def sync_version(
     sem = asyncio.Semaphore(_FETCH_CONCURRENCY)
 
     async def need(oid: str) -> None:
-        if await asyncio.to_thread(store.has_object, oid):
+        if await asyncio.to_thread(store.has_intact_object, oid):
             return
         async with sem:
             data = await _fetch(transport, peers, oid, MAX_TENSOR_OBJECT, "tensor")

@@ -4,9 +4,15 @@
 rounds, as DiLoCo wants). Its coroutines hand the work to a single-thread executor and await
 it; the loop stays free for DHT records, stream handlers and the status API.
 
-One thread on purpose: training and evaluation share the model's device, and serialising them
-keeps peak memory at one model plus one evaluation copy. On CPU, torch's intra-op pool gets
-all cores but one (`cpu_thread_budget`), leaving a core for the event loop.
+Two threads: one trains, nothing else (so training never queues behind a merge, an encode or
+an evaluation); the other runs those (`call`, `evaluate`) on its own copy of the model. On CPU,
+torch's intra-op pool gets all cores but one (`cpu_thread_budget`), leaving a core for the
+event loop.
+
+Training never waits for the network: when a round's steps are done, `train_ahead()` keeps
+training from the local model while the swarm merges and commits; the next `train_round`
+rebases those steps onto the committed version (`InnerTrainer.rebase`) and counts them in
+that round's budget.
 """
 
 from __future__ import annotations
@@ -56,13 +62,27 @@ class Trainer:
         self.progress = TrainingProgress()
         self._stop = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pmodel-trainer")
+        self._aux = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pmodel-merge")
         self._lr, self._peer_seed = lr, peer_seed
         self._cpu_threads = cpu_threads or cpu_thread_budget()
         self._inner: InnerTrainer | None = None
         self._eval_model: torch.nn.Module | None = None
+        self._ahead: asyncio.Future | None = None  # training ahead of the next round, if running
+        self._ahead_stop = threading.Event()
+        self._finish = threading.Event()  # end the current round's steps early (the others are done)
+        self._busy = 0.0  # seconds the training thread spent training (since start)
+        self.step_seconds: float | None = None  # moving average of one inner step's wall time
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _run_aux(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._aux, fn, *args)
+
+    @property
+    def busy_seconds(self) -> float:
+        """Wall seconds spent taking inner steps since start (the training share's numerator)."""
+        return self._busy
 
     async def start(self, state: Mapping[str, torch.Tensor]) -> None:
         """Build the model and the inner optimizer (in the worker thread), starting from `state`."""
@@ -76,30 +96,85 @@ class Trainer:
         )
 
     async def train_round(self, base: Mapping[str, torch.Tensor], steps: int) -> tuple[TrainResult, dict[str, torch.Tensor]]:
-        """Load `base`, take up to `steps` inner steps, return (result, delta = theta - base).
+        """Train up to `steps` inner steps from `base`; return (result, delta = theta - base).
 
-        Stops early when `stop()` is called (the delta then covers the steps taken).
+        Steps already taken ahead (see `train_ahead`) are rebased onto `base` and count toward
+        `steps`; the result's steps and samples include them. Stops early when `stop()` is
+        called (the delta then covers the steps taken).
         """
+        ahead = await self._stop_ahead()
         self._stop.clear()
-        return await self._run(self._train_round, base, steps)
+        result, delta = await self._run(self._train_round, base, steps, ahead)
+        return result, delta
 
-    def _train_round(self, base, steps):
+    def _train_round(self, base, steps, ahead: TrainResult | None):
         assert self._inner is not None, "Trainer.start() first"
-        self._inner.load_base(base)
-        p = self.progress
-        p.step, p.steps, p.loss, p.started = 0, steps, None, time.monotonic()
-
-        def on_step(done: int, loss: float) -> None:
-            p.step, p.loss = done, loss
-
-        result = self._inner.train(steps, should_stop=self._stop.is_set, on_step=on_step)
-        if result.seconds > 0:
-            p.samples_per_s = result.samples / result.seconds
+        if ahead is not None and ahead.steps:
+            self._inner.rebase(base)
+        else:
+            self._inner.load_base(base)
+            ahead = None
+        done = ahead.steps if ahead else 0
+        # at least one step of our own after a rebase, then stop as soon as the others are done
+        result = self._steps(
+            max(0, steps - done), offset=done, total=steps,
+            stop=lambda: self._stop.is_set() or (self._finish.is_set() and self.progress.step > done),
+        )  # fmt: skip
+        if ahead is not None:
+            seconds = result.seconds + ahead.seconds
+            losses = [(r.mean_loss, r.steps) for r in (ahead, result) if r.steps]
+            mean = sum(m * n for m, n in losses) / max(1, sum(n for _, n in losses))
+            result = TrainResult(ahead.steps + result.steps, ahead.samples + result.samples, mean, seconds)
         return result, self._inner.delta()
 
+    def _steps(self, steps: int, *, offset: int = 0, total: int | None = None, stop=None) -> TrainResult:
+        p = self.progress
+        p.step, p.steps, p.loss, p.started = offset, total or steps, None, time.monotonic()
+
+        def on_step(done: int, loss: float) -> None:
+            p.step, p.loss = offset + done, loss
+
+        stop = stop or self._stop.is_set
+        result = self._inner.train(steps, should_stop=stop, on_step=on_step)
+        self._busy += result.seconds
+        if result.steps:
+            per_step = result.seconds / result.steps
+            self.step_seconds = per_step if self.step_seconds is None else 0.7 * self.step_seconds + 0.3 * per_step
+        if result.seconds > 0:
+            p.samples_per_s = result.samples / result.seconds
+        return result
+
+    def finish_early(self, finish: bool = True) -> None:
+        """End this round's `train_round` after its next own step (False: the next round began, forget it)."""
+        if finish:
+            self._finish.set()
+        else:
+            self._finish.clear()
+
+    def train_ahead(self, max_steps: int) -> None:
+        """Keep training from the local model (at most `max_steps`) until the next `train_round`."""
+        if self._ahead is not None or self._inner is None or self._stop.is_set():
+            return
+        self._ahead_stop.clear()
+        self._ahead = asyncio.ensure_future(self._run(self._train_ahead, max_steps))
+
+    def _train_ahead(self, max_steps: int) -> TrainResult:
+        assert self._inner is not None
+        self._inner.load_base(self._inner.model.state_dict())  # the local model is the new reference
+        return self._steps(max_steps, stop=lambda: self._ahead_stop.is_set() or self._stop.is_set())
+
+    async def _stop_ahead(self) -> TrainResult | None:
+        if self._ahead is None:
+            return None
+        self._ahead_stop.set()
+        try:
+            return await self._ahead
+        finally:
+            self._ahead = None
+
     async def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """The task's eval metrics of the parameters `state` (on a separate model copy)."""
-        return await self._run(self._evaluate, state)
+        """The task's eval metrics of the parameters `state` (on a separate model copy, off the training thread)."""
+        return await self._run_aux(self._evaluate, state)
 
     def _evaluate(self, state):
         if self._eval_model is None:
@@ -110,8 +185,8 @@ class Trainer:
             return {k: float(v) for k, v in self.task.evaluate(self._eval_model, self.device).items()}
 
     async def call(self, fn, *args):
-        """Run any other heavy function (merge, encode, decode) in the worker thread."""
-        return await self._run(fn, *args)
+        """Run any other heavy function (merge, encode, decode) in the second thread, beside training."""
+        return await self._run_aux(fn, *args)
 
     def stop(self) -> None:
         """Ask the current training to end after its current step."""
@@ -120,4 +195,6 @@ class Trainer:
     def close(self) -> None:
         """Stop training and release the thread (does not wait for a step in progress)."""
         self._stop.set()
+        self._ahead_stop.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._aux.shutdown(wait=False, cancel_futures=True)

@@ -913,7 +913,7 @@ class RoundMachine:
         return (self.electorate | v.members) - v.departed
 
     def _everyone_delivered(self) -> bool:
-        """Every expected peer announced a delta and we hold it: the collect window may close early.
+        """Every expected peer announced a delta we hold or refused: the collect window may close early.
 
         Waiting out `collect_window` is needed only for peers that are slow or gone; when all
         of the electorate and every announced member delivered, waiting adds nothing but idle
@@ -927,8 +927,8 @@ class RoundMachine:
             return False
         for p in expected:
             a = v.deltas.get(p)
-            if a is None or v.fetch.get(a.delta_hash) is not True:
-                return False
+            if a is None or v.fetch.get(a.delta_hash) is None:
+                return False  # not announced, or still being fetched (a rejected one is settled)
         return True
 
     def _collect_end(self) -> float:

@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--inner-steps", type=int, default=30, help="inner AdamW steps per round")
     demo.add_argument("--device", default="cpu", help="training device of every node: cpu, cuda or auto")
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds before the demo gives up")
+    demo.add_argument("--liar", default="", metavar="LIE",
+                      help="make the last node lie (lie_nan, lie_scale, lie_flip, lie_samples, lie_noise): watch the swarm screen it out")
     demo.set_defaults(func=cmd_demo)
 
 
@@ -116,6 +118,11 @@ def _demo_event(inner_steps: int, nodes: int) -> dict:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise UsageError("--nodes must be at least 1")
+    if args.liar:
+        from p2pmodel.daemon.faults import Lie
+
+        if args.liar not in {lie.value for lie in Lie} or args.nodes < 2:
+            raise UsageError(f"--liar takes one of {[lie.value for lie in Lie]}, with --nodes 2 or more")
     root = Path(args.dir or tempfile.mkdtemp(prefix="p2pmodel-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     event_path = root / "event.json"
@@ -138,7 +145,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for i in range(1, args.nodes):
             log = open(root / f"node{i}.log", "w")
             logs.append(log)
-            procs.append(subprocess.Popen([*exe, "join", "--home", str(root / f"node{i}"), *extra, *common], stdout=subprocess.DEVNULL, stderr=log, env=env, text=True))
+            lie = ["--fault", args.liar] if args.liar and i == args.nodes - 1 else []
+            procs.append(subprocess.Popen([*exe, "join", "--home", str(root / f"node{i}"), *extra, *common, *lie], stdout=subprocess.DEVNULL, stderr=log, env=env, text=True))
         _follow(procs, root, deadline)
     finally:
         for p in procs:

@@ -1,0 +1,619 @@
+"""Push delivery of signed records: ours go straight to the peers we know; theirs are accepted here.
+
+One job: move signed envelopes (the same bytes the node stores in the DHT) between peers over a
+libp2p stream protocol, so that a record reaches the others in one hop instead of waiting for
+them to poll the DHT. What a record means, and which records to push to whom, is decided by the
+caller (`RoundRunner`); this module only frames, sends, bounds, checks signatures and hands over.
+The DHT stays the source of truth (discovery, late joiners, peers that missed a push).
+
+Wire format (one frame per stream, integers big-endian)::
+
+    request:  MAGIC "P2PMREC1" (8 bytes) | flags (u8) | count (u16) | records
+    records:  count x [ length (u32) | envelope ]                       (flags = 0)
+              packed length (u32) | zlib(count x [ length | envelope ])   (flags = 1, COMPRESSED)
+    response: status (u8, `PushStatus`), then the stream closes
+
+Bounds apply to the uncompressed frame, so inflating never yields more than `max_frame_bytes`.
+
+The receiver answers as soon as the frame is read (before checking the envelopes); a sender that
+gets no OK keeps the records queued and retries later with backoff.
+
+Sending: `push(envelope)` queues the envelope for every current target (`targets()`, libp2p ids)
+and returns at once. Each peer has its own ordered queue drained by a short-lived task, so a slow
+or dead peer never delays the others; records queued while a push is in flight (or within
+`linger` seconds) travel together in one frame. At most `max_concurrent_pushes` streams are open
+at once; each has `push_timeout` seconds. A record that could not be delivered within
+`max_record_age` seconds is dropped (the DHT still has it). Failures are logged at debug level
+and counted (`stats()`).
+
+Receiving, for untrusted input: a frame is bounded in bytes (`max_frame_bytes`), in records
+(`max_records_per_frame`) and per record (`max_record_bytes`), and must arrive within
+`read_timeout`. Each sender (its libp2p id, authenticated by the connection) has a token bucket of
+bytes and records per second and at most `max_streams_per_sender` streams at once: a flooding
+peer is answered RATE_LIMITED or BUSY without its frame being read, and the others are served as
+before. Every envelope goes through the record check the DHT applies (`check(signer, envelope)`,
+by default `Transport.validator.check`, else `open_signed`) before `deliver(signer, envelope)`.
+Malformed frames raise `FrameError` internally, are counted by reason, and never reach the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import struct
+import time
+import zlib
+from collections import OrderedDict, defaultdict, deque
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable, Sequence
+
+from hivemind.p2p import P2PDaemonError
+
+from p2pmodel.daemon.logs import get_logger
+from p2pmodel.daemon.transport import RecordCheck, Transport, TransportError
+from p2pmodel.protocols.errors import RemoteProtocolError
+from p2pmodel.protocols.signing import open_signed, signer_of
+
+__all__ = [
+    "GOSSIP_PROTOCOL",
+    "Gossip",
+    "GossipLimits",
+    "PushStatus",
+    "FrameError",
+    "MAGIC",
+    "COMPRESSED",
+    "encode_frame",
+    "decode_frame",
+    "read_frame",
+    "split_frames",
+]
+
+logger = get_logger(__name__)
+
+GOSSIP_PROTOCOL = "/p2pmodel/records/1"
+MAGIC = b"P2PMREC1"
+_HEADER = struct.Struct(">8sBH")  # magic, flags, record count
+COMPRESSED = 0x01  # flag: the records follow as one zlib stream, after its length (u32)
+_LENGTH = struct.Struct(">I")  # one record's length
+_STATUS = struct.Struct(">B")
+
+Deliver = Callable[[str, bytes], "Awaitable[None] | None"]
+"""deliver(signer's peer id, envelope): hands a checked record to the node."""
+
+
+class PushStatus(enum.IntEnum):
+    """The receiver's one-byte answer to a frame."""
+
+    OK = 0  # read; its records will be checked and delivered
+    BUSY = 1  # too many streams open (in all, or from you); try again later
+    RATE_LIMITED = 2  # you sent more than your budget; try again later
+    BAD_FRAME = 3  # the frame broke the format or its bounds; not retried
+
+
+class FrameError(TransportError):
+    """A peer sent a frame that breaks the format or its bounds (the peer's fault, not ours).
+
+    `reason` is a short code used as a counter name: bad_magic, bad_flags, empty,
+    too_many_records, record_too_large, frame_too_large, truncated, trailing_bytes,
+    bad_compression.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"bad record frame: {reason}" + (f" ({detail})" if detail else ""))
+
+
+@dataclass(frozen=True)
+class GossipLimits:
+    """Bounds of the push protocol, both directions. Sizes in bytes, times in seconds."""
+
+    max_records_per_frame: int = 64
+    max_record_bytes: int | None = None  # None: the transport's max_record_bytes (what the DHT accepts)
+    max_frame_bytes: int | None = None  # None: max_record_bytes + 64 KiB (one big record and small ones)
+    read_timeout: float = 10.0  # a receiver waits this long for a whole frame
+    push_timeout: float = 5.0  # a sender gives one stream (open, write, answer) this long
+    linger: float = 0.05  # a queued record waits this long for others to share its frame
+    max_concurrent_pushes: int = 8  # streams we have open as a sender, in all
+    max_concurrent_serves: int = 64  # streams we serve at once, in all
+    max_streams_per_sender: int = 2  # streams we serve at once for one sender
+    sender_bytes_per_s: float = 64 * 1024  # each sender's byte budget refills at this rate ...
+    sender_burst_bytes: float = 2 * 1024 * 1024  # ... up to this many bytes
+    sender_records_per_s: float = 20.0  # each sender's record budget refills at this rate ...
+    sender_burst_records: float = 200.0  # ... up to this many records
+    max_senders: int = 1024  # senders whose budgets we remember (least recently seen forgotten)
+    max_queue: int = 256  # records queued for one peer; the oldest are dropped past it
+    max_record_age: float = 60.0  # seconds a record is retried before it is dropped (the DHT has it)
+    retry_backoff: float = 1.0  # first pause after a failed push to a peer, doubled each time ...
+    max_retry_backoff: float = 30.0  # ... up to this
+    seen_cache: int = 8192  # digests of accepted envelopes remembered (duplicates skip the check)
+
+
+# ------------------------------------------------------------------------------------ framing
+
+
+def _records_section(envelopes: Sequence[bytes]) -> bytes:
+    parts = []
+    for env in envelopes:
+        parts.append(_LENGTH.pack(len(env)))
+        parts.append(bytes(env))
+    return b"".join(parts)
+
+
+def encode_frame(envelopes: Sequence[bytes], *, compress: bool = True) -> bytes:
+    """One frame holding `envelopes` (no bounds applied: see `split_frames`).
+
+    With `compress`, the records are deflated when that makes the frame smaller (signed records
+    are mostly hex digests and repeated field names: about a third smaller, a pair of nearly
+    equal announcements half).
+    """
+    if not envelopes or len(envelopes) > 0xFFFF:
+        raise ValueError(f"a frame holds 1 to 65535 records, not {len(envelopes)}")
+    section = _records_section(envelopes)
+    if compress:
+        packed = zlib.compress(section, 6)
+        if _LENGTH.size + len(packed) < len(section):
+            return _HEADER.pack(MAGIC, COMPRESSED, len(envelopes)) + _LENGTH.pack(len(packed)) + packed
+    return _HEADER.pack(MAGIC, 0, len(envelopes)) + section
+
+
+def split_frames(envelopes: Sequence[bytes], *, max_records: int, max_frame_bytes: int) -> list[list[bytes]]:
+    """Group `envelopes`, in order, into batches whose uncompressed frames stay within the bounds.
+
+    Raises:
+        ValueError: one envelope alone does not fit in a frame (the caller's bug: records are
+            bounded by the DHT's limit, which a frame always fits).
+    """
+    batches: list[list[bytes]] = []
+    current: list[bytes] = []
+    size = _HEADER.size
+    for env in envelopes:
+        need = _LENGTH.size + len(env)
+        if _HEADER.size + need > max_frame_bytes:
+            raise ValueError(f"a {len(env)}-byte record does not fit in a {max_frame_bytes}-byte frame")
+        if current and (len(current) >= max_records or size + need > max_frame_bytes):
+            batches.append(current)
+            current, size = [], _HEADER.size
+        current.append(env)
+        size += need
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _check_header(header: bytes, max_records: int) -> tuple[bool, int]:
+    """(compressed?, record count) of a frame header."""
+    magic, flags, count = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise FrameError("bad_magic")
+    if flags & ~COMPRESSED:
+        raise FrameError("bad_flags", f"{flags:#04x}")
+    if count == 0:
+        raise FrameError("empty")
+    if count > max_records:
+        raise FrameError("too_many_records", f"{count} > {max_records}")
+    return bool(flags & COMPRESSED), count
+
+
+def _check_length(length: int, total: int, max_record: int, max_frame: int) -> None:
+    if length > max_record:
+        raise FrameError("record_too_large", f"{length} > {max_record}")
+    if total + _LENGTH.size + length > max_frame:
+        raise FrameError("frame_too_large", f"more than {max_frame} bytes")
+
+
+def _check_packed_length(length: int, max_frame: int) -> None:
+    if length > max_frame:
+        raise FrameError("frame_too_large", f"{length} compressed bytes > {max_frame}")
+
+
+def _inflate(packed: bytes, limit: int) -> bytes:
+    """Decompress at most `limit` bytes (a bomb stops there) of a complete zlib stream."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(packed, limit + 1)
+    except zlib.error as e:
+        raise FrameError("bad_compression", str(e)) from None
+    if len(out) > limit:
+        raise FrameError("frame_too_large", f"inflates past {limit} bytes")
+    if not d.eof:
+        raise FrameError("bad_compression", "the zlib stream is cut short")
+    if d.unused_data:
+        raise FrameError("trailing_bytes", f"{len(d.unused_data)} bytes after the zlib stream")
+    return out
+
+
+def _parse_records(section: bytes, count: int, max_record: int, max_frame: int) -> list[bytes]:
+    """The `count` length-prefixed records that must make up all of `section` (uncompressed)."""
+    pos, out = 0, []
+    for _ in range(count):
+        if pos + _LENGTH.size > len(section):
+            raise FrameError("truncated", f"record {len(out)} has no length")
+        (length,) = _LENGTH.unpack_from(section, pos)
+        _check_length(length, _HEADER.size + pos, max_record, max_frame)
+        pos += _LENGTH.size
+        if pos + length > len(section):
+            raise FrameError("truncated", f"record {len(out)} is cut short")
+        out.append(bytes(section[pos : pos + length]))
+        pos += length
+    if pos != len(section):
+        raise FrameError("trailing_bytes", f"{len(section) - pos} bytes after the last record")
+    return out
+
+
+def decode_frame(data: bytes, *, max_records: int, max_record_bytes: int, max_frame_bytes: int) -> list[bytes]:
+    """The envelopes of a complete frame held in memory. Raises FrameError for any bad input."""
+    if len(data) > max_frame_bytes:
+        raise FrameError("frame_too_large", f"{len(data)} > {max_frame_bytes}")
+    if len(data) < _HEADER.size:
+        raise FrameError("truncated", "no header")
+    compressed, count = _check_header(data[: _HEADER.size], max_records)
+    section = data[_HEADER.size :]
+    if compressed:
+        if len(section) < _LENGTH.size:
+            raise FrameError("truncated", "no compressed length")
+        (packed_len,) = _LENGTH.unpack_from(section)
+        _check_packed_length(packed_len, max_frame_bytes)
+        packed = section[_LENGTH.size :]
+        if len(packed) < packed_len:
+            raise FrameError("truncated", "the compressed records are cut short")
+        if len(packed) > packed_len:
+            raise FrameError("trailing_bytes", f"{len(packed) - packed_len} bytes after the compressed records")
+        section = _inflate(packed, max_frame_bytes - _HEADER.size)
+    return _parse_records(section, count, max_record_bytes, max_frame_bytes)
+
+
+async def read_frame(
+    reader: asyncio.StreamReader, *, max_records: int, max_record_bytes: int, max_frame_bytes: int
+) -> tuple[list[bytes], int]:
+    """Read one frame from a stream, checking every bound before reading what it announces.
+
+    Returns (envelopes, bytes read). Raises FrameError (also for a stream that ends early).
+    """
+    try:
+        compressed, count = _check_header(await reader.readexactly(_HEADER.size), max_records)
+        if compressed:
+            (packed_len,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+            _check_packed_length(packed_len, max_frame_bytes)
+            packed = await reader.readexactly(packed_len)
+            section = _inflate(packed, max_frame_bytes - _HEADER.size)
+            return _parse_records(section, count, max_record_bytes, max_frame_bytes), _HEADER.size + _LENGTH.size + packed_len
+        total, out = _HEADER.size, []
+        for _ in range(count):
+            (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+            _check_length(length, total, max_record_bytes, max_frame_bytes)
+            out.append(await reader.readexactly(length))
+            total += _LENGTH.size + length
+    except asyncio.IncompleteReadError as e:
+        raise FrameError("truncated", f"stream ended after {len(e.partial)} of {e.expected} bytes") from None
+    return out, total
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+
+class _Bucket:
+    """A token bucket of bytes and records for one sender."""
+
+    __slots__ = ("bytes", "records", "stamp")
+
+    def __init__(self, limits: GossipLimits, now: float):
+        self.bytes, self.records, self.stamp = limits.sender_burst_bytes, limits.sender_burst_records, now
+
+    def refill(self, limits: GossipLimits, now: float) -> None:
+        dt = max(0.0, now - self.stamp)
+        self.stamp = now
+        self.bytes = min(limits.sender_burst_bytes, self.bytes + dt * limits.sender_bytes_per_s)
+        self.records = min(limits.sender_burst_records, self.records + dt * limits.sender_records_per_s)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.bytes <= 0 or self.records <= 0
+
+
+class _PeerQueue:
+    """Records waiting for one peer, oldest first, and that peer's retry state."""
+
+    __slots__ = ("items", "task", "failures", "retry_at")
+
+    def __init__(self) -> None:
+        self.items: deque[tuple[float, bytes]] = deque()  # (queued at, envelope)
+        self.task: asyncio.Task | None = None
+        self.failures = 0
+        self.retry_at = 0.0
+
+
+def _default_check(subkey: str, value: bytes) -> bool:
+    try:
+        _, signer = open_signed(value)
+    except RemoteProtocolError:
+        return False
+    return signer == subkey
+
+
+# ------------------------------------------------------------------------------------ gossip
+
+
+class Gossip:
+    """Push delivery of signed records over `GOSSIP_PROTOCOL` on `transport`'s p2pd.
+
+    Args:
+        transport: the node's transport (streams, byte counters).
+        deliver: called with (signer, envelope) for every new envelope that passed `check`.
+        targets: returns the libp2p ids (base58) that `push` sends to; ours is skipped.
+        check: the record check (default: the transport's DHT record check, else `open_signed`).
+        limits: bounds and timings.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        deliver: Deliver,
+        *,
+        targets: Callable[[], Iterable[str]] = lambda: (),
+        check: RecordCheck | None = None,
+        limits: GossipLimits = GossipLimits(),
+    ):
+        self.transport = transport
+        self._deliver = deliver
+        self._targets = targets
+        self._check = check or transport.validator.check or _default_check
+        max_record = limits.max_record_bytes or transport.limits.max_record_bytes
+        self.max_record_bytes = max_record
+        self.max_frame_bytes = limits.max_frame_bytes or min(max_record + 64 * 1024, 8 * 1024 * 1024)
+        self.limits = limits
+        self.counts: dict[str, int] = defaultdict(int)
+        self.rejected: dict[str, int] = defaultdict(int)  # reason -> frames or records refused
+        self._me = transport.peer_id.to_base58()
+        self._queues: dict[str, _PeerQueue] = {}
+        self._push_slots = asyncio.Semaphore(limits.max_concurrent_pushes)
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._serving = 0
+        self._serving_by: dict[str, int] = defaultdict(int)
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._started = False
+        self._closed = False
+
+    # ---------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Register the stream handler: from now on, peers' pushes are accepted."""
+        if not self._started:
+            await self.transport.add_stream_handler(GOSSIP_PROTOCOL, self._handle)
+            self._started = True
+
+    async def close(self, timeout: float = 0.0) -> None:
+        """Stop sending and accepting. Idempotent.
+
+        Records still queued get up to `timeout` seconds to go out (a Departure, say); the rest
+        are dropped.
+        """
+        if self._closed:
+            return
+        tasks = [q.task for q in self._queues.values() if q.task is not None]
+        if tasks and timeout > 0:
+            await asyncio.wait(tasks, timeout=timeout)
+        self._closed = True
+        tasks = [q.task for q in self._queues.values() if q.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._queues.clear()
+        if self._started:
+            await self.transport.remove_stream_handler(GOSSIP_PROTOCOL)
+
+    def stats(self) -> dict[str, object]:
+        """Counters for the status API: pushes, deliveries, refusals by reason, queue lengths."""
+        return {
+            **dict(sorted(self.counts.items())),
+            "rejected": dict(sorted(self.rejected.items())),
+            "queued": sum(len(q.items) for q in self._queues.values()),
+        }
+
+    # ---------------------------------------------------------------------------------- sending
+
+    def push(self, envelope: bytes, targets: Iterable[str] | None = None) -> int:
+        """Queue `envelope` for each target (default `targets()`); returns how many. Never blocks."""
+        if self._closed:
+            return 0
+        now = time.monotonic()
+        peers = {p for p in (self._targets() if targets is None else targets) if p and p != self._me}
+        for peer in peers:
+            q = self._queues.get(peer)
+            if q is None:
+                q = self._queues[peer] = _PeerQueue()
+            q.items.append((now, envelope))
+            while len(q.items) > self.limits.max_queue:
+                q.items.popleft()
+                self.counts["push_dropped"] += 1
+            if q.task is None:
+                q.task = asyncio.create_task(self._drain(peer, q), name=f"gossip {peer[-8:]}")
+        return len(peers)
+
+    async def push_now(self, envelopes: Sequence[bytes], targets: Iterable[str]) -> int:
+        """Send `envelopes` to `targets` at once, bypassing the queues; returns how many peers took them."""
+        peers = [p for p in dict.fromkeys(targets) if p and p != self._me]
+        results = await asyncio.gather(*(self._send(p, list(envelopes)) for p in peers))
+        return sum(results)
+
+    async def _drain(self, peer: str, q: _PeerQueue) -> None:
+        """Send `q`'s records to `peer` in frames until the queue is empty (or every record expired)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(max(self.limits.linger, q.retry_at - loop.time()))
+            while q.items and not self._closed:
+                now = time.monotonic()
+                while q.items and now - q.items[0][0] > self.limits.max_record_age:
+                    q.items.popleft()
+                    self.counts["push_expired"] += 1
+                if not q.items:
+                    break
+                batch = [env for _, env in q.items]
+                sent = len(batch)
+                if await self._send(peer, batch):
+                    for _ in range(sent):
+                        q.items.popleft()
+                    q.failures = 0
+                    continue
+                q.failures += 1
+                pause = min(self.limits.retry_backoff * 2 ** (q.failures - 1), self.limits.max_retry_backoff)
+                q.retry_at = loop.time() + pause
+                await asyncio.sleep(pause)
+        finally:
+            q.task = None
+            if not q.items and self._queues.get(peer) is q and q.failures == 0:
+                del self._queues[peer]
+
+    async def _send(self, peer: str, envelopes: list[bytes]) -> bool:
+        """One attempt to deliver `envelopes` to `peer` (in as many frames as the bounds need)."""
+        try:
+            batches = split_frames(envelopes, max_records=self.limits.max_records_per_frame, max_frame_bytes=self.max_frame_bytes)
+        except ValueError as e:  # our own record too large: a bug upstream; drop rather than loop
+            logger.warning("record too large to push", error=str(e))
+            self.counts["push_too_large"] += 1
+            return True
+        for batch in batches:
+            frame = encode_frame(batch)
+            async with self._push_slots:
+                try:
+                    status = await asyncio.wait_for(self._send_frame(peer, frame), self.limits.push_timeout)
+                except asyncio.TimeoutError:
+                    status, why = None, "timeout"
+                except (TransportError, P2PDaemonError, ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+                    status, why = None, f"{type(e).__name__}: {e}"
+            if status is PushStatus.OK:
+                self.counts["push_frames"] += 1
+                self.counts["push_records"] += len(batch)
+                self.transport.counters.sent("gossip", len(frame))
+                continue
+            if status is PushStatus.BAD_FRAME:  # never retried: resending the same bytes cannot help
+                self.counts["push_refused"] += 1
+                logger.warning("peer refused our record frame", peer=peer[-12:], records=len(batch))
+                continue
+            reason = why if status is None else status.name.lower()
+            self.counts["push_failures"] += 1
+            logger.debug("push failed", peer=peer[-12:], records=len(batch), why=reason)
+            return False
+        return True
+
+    async def _send_frame(self, peer: str, frame: bytes) -> PushStatus:
+        reader, writer = await self.transport.open_stream(peer, GOSSIP_PROTOCOL)
+        try:
+            writer.write(frame)
+            await writer.drain()
+            (raw,) = _STATUS.unpack(await reader.readexactly(_STATUS.size))
+            try:
+                return PushStatus(raw)
+            except ValueError:
+                raise TransportError(f"unknown push status {raw}") from None
+        finally:
+            writer.close()
+
+    # ---------------------------------------------------------------------------------- receiving
+
+    def _bucket(self, sender: str, now: float) -> _Bucket:
+        b = self._buckets.get(sender)
+        if b is None:
+            b = self._buckets[sender] = _Bucket(self.limits, now)
+            while len(self._buckets) > self.limits.max_senders:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(sender)
+            b.refill(self.limits, now)
+        return b
+
+    async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one pushed frame: bound it, answer, then check and deliver its records."""
+        try:
+            await self._serve(info.peer_id.to_base58(), reader, writer)
+        except Exception as e:  # our bug; a peer's bytes cannot get here (FrameError is handled)
+            self.counts["handler_errors"] += 1
+            logger.warning("serving a record push failed", error=repr(e))
+            writer.close()
+
+    async def _serve(self, sender: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._serving >= self.limits.max_concurrent_serves or self._serving_by.get(sender, 0) >= self.limits.max_streams_per_sender:
+            self.rejected["busy"] += 1
+            await self._answer(writer, PushStatus.BUSY)
+            return
+        bucket = self._bucket(sender, time.monotonic())
+        if bucket.exhausted:
+            self.rejected["rate_limited"] += 1
+            await self._answer(writer, PushStatus.RATE_LIMITED)
+            return
+        self._serving += 1
+        self._serving_by[sender] += 1
+        try:
+            try:
+                envelopes, nbytes = await asyncio.wait_for(
+                    read_frame(
+                        reader,
+                        max_records=self.limits.max_records_per_frame,
+                        max_record_bytes=self.max_record_bytes,
+                        max_frame_bytes=self.max_frame_bytes,
+                    ),
+                    self.limits.read_timeout,
+                )
+            except FrameError as e:
+                self.rejected[e.reason] += 1
+                logger.debug("bad record frame", sender=sender[-12:], error=str(e))
+                await self._answer(writer, PushStatus.BAD_FRAME)
+                return
+            except asyncio.TimeoutError:
+                self.rejected["timeout"] += 1
+                await self._answer(writer, PushStatus.BAD_FRAME)
+                return
+            except (ConnectionError, OSError):
+                self.rejected["connection"] += 1
+                writer.close()
+                return
+            bucket.bytes -= nbytes
+            bucket.records -= len(envelopes)
+            self.transport.counters.received("gossip", nbytes)
+            self.counts["frames_received"] += 1
+            await self._answer(writer, PushStatus.OK)
+        finally:
+            self._serving -= 1
+            self._serving_by[sender] -= 1
+            if not self._serving_by[sender]:
+                del self._serving_by[sender]
+        for env in envelopes:
+            await self._accept(sender, env)
+
+    async def _answer(self, writer: asyncio.StreamWriter, status: PushStatus) -> None:
+        try:
+            writer.write(_STATUS.pack(status))
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # the sender went away; nothing to tell it
+        finally:
+            writer.close()
+
+    async def _accept(self, sender: str, envelope: bytes) -> None:
+        digest = hashlib.sha256(envelope).digest()
+        if digest in self._seen:
+            self._seen.move_to_end(digest)
+            self.counts["duplicates"] += 1
+            return
+        try:
+            signer = signer_of(envelope)
+            ok = bool(self._check(signer, envelope))
+        except RemoteProtocolError as e:
+            self.rejected["malformed_record"] += 1
+            logger.debug("dropped pushed record", sender=sender[-12:], error=str(e))
+            return
+        if not ok:
+            self.rejected["bad_record"] += 1
+            logger.debug("dropped pushed record: fails the record check", sender=sender[-12:], signer=signer[:12])
+            return
+        self._seen[digest] = None
+        while len(self._seen) > self.limits.seen_cache:
+            self._seen.popitem(last=False)
+        self.counts["records_accepted"] += 1
+        try:
+            result = self._deliver(signer, envelope)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception as e:  # the node's bug, not the peer's: report it, keep serving
+            self.counts["deliver_errors"] += 1
+            logger.warning("delivering a pushed record failed", signer=signer[:12], error=repr(e))

@@ -1,0 +1,115 @@
+"""A joiner accepts a head only through the commit rule, chained from the electorate it trusts.
+
+Two real transports (hivemind DHT + p2pd on 127.0.0.1): a "veteran" holds a lineage of three
+committed rounds, each certified by real Ed25519 votes, where the founder signed only the
+first (it left after round 0). A fresh node holding only the seed checks every link, using
+version records fetched by hash and certificates fetched over `/p2pmodel/certificate/1`, and
+accepts the head. A head forged by a fresh key that names itself as the only member is refused,
+as is a chain whose middle certificate is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import pytest_asyncio
+import torch
+
+from p2pmodel.daemon.certificates import serve_certificates
+from p2pmodel.daemon.sync import SyncError, verify_by_chain, verify_commit
+from p2pmodel.daemon.transport import Transport
+from p2pmodel.lineage import Annotations, LineageStore, Version
+from p2pmodel.protocols import signing
+from p2pmodel.protocols.messages import Commit, Vote
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.multiprocess]
+
+KEYS = [signing.PeerIdentity.from_seed(hashlib.sha256(f"chain-{i}".encode()).digest()) for i in range(6)]
+IDS = [k.peer_id for k in KEYS]
+FOUNDER = IDS[0]
+PROPOSAL = "9f" * 32
+
+
+def _round(store: LineageStore, parent: str, r: int, members: list[int], signers: list[int]) -> tuple[Version, list[bytes]]:
+    t = {"w": torch.full((3,), float(r + 1))}
+    v = Version(
+        parents=(parent,), tensors={k: store.put_tensor(x) for k, x in t.items()}, message=f"round {r}", time=float(r),
+        round=r, merge={"members": sorted(IDS[i] for i in members), "proposal": PROPOSAL},
+    )  # fmt: skip
+    votes = [
+        signing.sign(Vote(round=r, base_version=parent, proposal_hash=PROPOSAL, version_id=v.id, voter=IDS[i], metrics={}), KEYS[i])
+        for i in signers
+    ]
+    store.put_version(v, Annotations(metrics={}, certificate={"round": r, "votes": votes}), "main")
+    return v, votes
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory):
+    """seed -> r0 (members 0,1,2; founder signs) -> r1 (1,2,3) -> r2 (1,2,3): founder gone after r0."""
+    path = tmp_path_factory.mktemp("veteran")
+    store = LineageStore.init(path)
+    seed = store.commit({"w": torch.zeros(3)}, parents=(), message="seed", time=0.0)
+    v0, _ = _round(store, seed.id, 0, [0, 1, 2], [0, 1])
+    v1, _ = _round(store, v0.id, 1, [1, 2, 3], [1, 2])
+    v2, votes2 = _round(store, v1.id, 2, [1, 2, 3], [2, 3])
+    yield store, seed, [v0, v1, v2], votes2
+    store.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def veteran(lineage):
+    store = lineage[0]
+    t = await Transport.create()
+    t.add_source(lambda oid: store.read_object(oid) if store.has_object(oid) else None)
+    await serve_certificates(t, store)
+    yield t
+    await t.shutdown()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def joiner(veteran):
+    t = await Transport.create(initial_peers=await veteran.visible_maddrs())
+    yield t
+    await t.shutdown()
+
+
+async def test_a_fresh_joiner_checks_every_link_and_accepts_the_head(lineage, veteran, joiner, tmp_path):
+    store, seed, versions, votes2 = lineage
+    head = versions[-1]
+    commit = Commit(round=2, version_id=head.id, certificate=tuple(votes2))
+    record = store.read_object(head.id)
+    # the founder did not sign the head: vouching alone cannot accept it
+    with pytest.raises(SyncError, match="vouches"):
+        verify_commit(commit, record, electorate=frozenset({FOUNDER}), head=seed.id)
+    with LineageStore.init(tmp_path / "fresh") as fresh:
+        got = await verify_by_chain(joiner, fresh, commit, record, head=seed.id,
+                                    electorate=frozenset({FOUNDER}), peers=[veteran.peer_id.to_base58()])  # fmt: skip
+    assert got.id == head.id and set(got.members) == {IDS[1], IDS[2], IDS[3]}
+    assert joiner.counters.snapshot()["certificate"]["received"] > 0
+
+
+async def test_a_forged_single_member_head_is_refused(lineage, veteran, joiner, tmp_path):
+    store, seed, _, _ = lineage
+    liar = signing.PeerIdentity.from_seed(b"\x07" * 32)
+    forged = Version(parents=(seed.id,), tensors={"w": store.put_tensor(torch.ones(3))}, message="mine now",
+                     time=1.0, round=10**6, merge={"members": [liar.peer_id], "proposal": PROPOSAL})  # fmt: skip
+    store.write_object(forged.id, forged.to_bytes())  # served like any record
+    vote = signing.sign(Vote(round=10**6, base_version=seed.id, proposal_hash=PROPOSAL, version_id=forged.id,
+                             voter=liar.peer_id, metrics={}), liar)  # fmt: skip
+    commit = Commit(round=10**6, version_id=forged.id, certificate=(vote,))
+    with pytest.raises(SyncError):
+        verify_commit(commit, forged.to_bytes(), electorate=frozenset({FOUNDER}), head=seed.id)
+    with LineageStore.init(tmp_path / "fresh") as fresh, pytest.raises(SyncError):
+        await verify_by_chain(joiner, fresh, commit, forged.to_bytes(), head=seed.id,
+                              electorate=frozenset({FOUNDER}), peers=[veteran.peer_id.to_base58()])  # fmt: skip
+
+
+async def test_a_chain_with_a_link_nobody_can_certify_is_refused(lineage, veteran, joiner, tmp_path):
+    store, seed, versions, votes2 = lineage
+    store.annotate(versions[1].id, certificate={"round": 1, "votes": []})  # the veteran lost r1's certificate
+    commit = Commit(round=2, version_id=versions[2].id, certificate=tuple(votes2))
+    with LineageStore.init(tmp_path / "fresh") as fresh, pytest.raises(SyncError, match="certificate"):
+        await verify_by_chain(joiner, fresh, commit, store.read_object(versions[2].id), head=seed.id,
+                              electorate=frozenset({FOUNDER}), peers=[veteran.peer_id.to_base58()])  # fmt: skip
