@@ -50,7 +50,7 @@ from p2pmodel.ci import CIGate, median_metrics, run_gate
 from p2pmodel.lineage import Annotations, LineageError, LineageStore, Version
 from p2pmodel.protocols import round as rm
 from p2pmodel.protocols.codec import CodecConfig, DeltaCodec
-from p2pmodel.protocols.errors import RemoteProtocolError
+from p2pmodel.protocols.errors import LocalProtocolError, RemoteProtocolError
 from p2pmodel.protocols.messages import (
     MAX_RECORD,
     Commit,
@@ -388,7 +388,14 @@ class RoundRunner:
             return  # results of work started before we left
         if isinstance(event, rm.Stop):
             self._stop_sent = True
-        for action in self.machine.process(event):
+        try:
+            actions = self.machine.process(event)
+        except LocalProtocolError as e:
+            # A result the machine did not ask for is our bug, not the swarm's: say so loudly and
+            # keep the node running (the machine's state is unchanged when it raises).
+            self.record_error(f"dropped {type(event).__name__}: {e}")
+            return
+        for action in actions:
             await self._execute(action)
         if self.machine.only_we_are_missing():
             self.trainer.finish_early()  # the others are done: deliver what we have
@@ -626,7 +633,8 @@ class RoundRunner:
             ratio=round(encoded.ratio, 1),
         )
         self._post(rm.TrainingDone(time.time(), h, max(1, samples), len(encoded.data), norm=norm))
-        self.trainer.train_ahead(self.event.inner_steps)  # never idle while the swarm merges
+        # never idle while the swarm merges; bounded so a stalled swarm does not grow one delta forever
+        self.trainer.train_ahead(3 * self.event.inner_steps)
 
     def _outgoing_delta(self, delta: dict[str, torch.Tensor], samples: int) -> tuple[dict[str, torch.Tensor], int]:
         """What we send: our delta and samples, unchanged (daemon/faults.py's liars override this)."""

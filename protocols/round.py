@@ -381,6 +381,7 @@ class RoundMachine:
         self._merge_asked: dict[str, int] = {}  # proposal hash -> round
         self._sync_asked: dict[str, int] = {}  # version id -> round
         self._last_commit: tuple[str, int, str, tuple[Vote, ...]] | None = None  # (base, round, id, votes)
+        self._announced_rounds: set[int] = set()  # rounds ahead of ours we already announced for
         self.counters: dict[str, int] = {k: 0 for k in _COUNTERS}
         self._now = float("-inf")  # latest event time: next_deadline only returns later times
 
@@ -1134,16 +1135,22 @@ class RoundMachine:
         they will count us as an expected member and wait for our delta.
         """
         assert self.head_version is not None
-        horizon = round_ - self.config.future_rounds
+        # Results may come back many rounds later (a long sync while the swarm moved on): keep
+        # what we asked for well past the future-record window, so they are stale, not illegal.
+        horizon = round_ - max(self.config.future_rounds, ASKED_MEMORY_ROUNDS)
         for asked in (self._fetch_asked, self._merge_asked, self._sync_asked):
             for k in [k for k, r in asked.items() if r < horizon]:
                 del asked[k]
         prev = self._view
         self._view = v = _RoundView(round_, self.head_version, now)
         out.append(EnterRound(round_, v.base))
-        out.append(Publish(self._announcement(round_, now)))
+        # One announcement per round: a peer catching up announced this round already (as "next")
+        if round_ not in self._announced_rounds:
+            out.append(Publish(self._announcement(round_, now)))
         if catching_up:
             out.append(Publish(self._announcement(round_ + 1, now)))
+            self._announced_rounds.add(round_ + 1)
+        self._announced_rounds = {r for r in self._announced_rounds if r > round_}
         v.my_key = proposer_rank_key(round_, self.peer.peer_id)
         v.add_member(self.peer.peer_id)
         if prev is not None and prev.round == round_:
@@ -1225,6 +1232,8 @@ def _weight_cap(weights: list[float], ratio: float) -> float:
         return float("inf")
     return ratio * sorted(weights)[len(weights) // 2]
 
+
+ASKED_MEMORY_ROUNDS = 64  # rounds a fetch/merge/sync we asked for is remembered (ids only)
 
 _COUNTERS = (
     "wrong_round",  # record for a round we are not in (past, or being synced past)

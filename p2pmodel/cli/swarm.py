@@ -191,11 +191,32 @@ def _follow(procs: list[subprocess.Popen], root: Path, deadline: float) -> None:
     bad = [i for i, p in enumerate(procs) if p.returncode not in (0, -signal.SIGTERM)]
     if bad:
         raise DemoError(f"node(s) {bad} exited with an error; see {root}/node*.log")
+    print(_summary(root, len(procs)), flush=True)
+
+
+def _summary(root: Path, nodes: int) -> str:
+    """Over every node and committed round: share of wall time spent training, samples merged."""
+    train, total = [0.0, 0.0], [0.0, 0.0]  # all rounds; rounds after each node's first (all peers up)
+    trained = merged = 0.0
+    for i in range(nodes):
+        rounds = [dict(re.findall(r"(\w+)=(\S+)", line)) for line in (root / f"node{i}.log").read_text().splitlines() if " committed " in line]
+        for j, kv in enumerate(rounds):
+            for k in (0, 1) if j else (0,):
+                train[k] += float(kv.get("training_s", 0))
+                total[k] += float(kv.get("total_s", 0))
+            if i == 0:
+                trained += float(kv.get("samples_trained", 0))
+                merged += float(kv.get("samples_merged", 0))
+    share = [f"{100 * a / b:.0f}%" if b else "-" for a, b in zip(train, total)]
+    return (f"\ntraining share of wall time (all nodes): {share[0]} over every committed round, {share[1]} after the "
+            f"first (once every peer is up); samples merged / announced: {merged:.0f} / {trained:.0f}")  # fmt: skip
 
 
 def _round_line(kv: dict[str, str]) -> str:
     """One committed round of node0's log, with where its time and bytes went."""
     text = f"round {kv.get('round')} committed: version {kv.get('version')}, {kv.get('contributors')} contributors, eval loss {kv.get('eval_loss')}"
+    if "samples_merged" in kv:
+        text += f", {kv['samples_merged']}/{kv.get('samples_trained', '?')} samples merged"
     if "total_s" in kv:
         parts = [f"{name} {float(kv.get(key, 0)):.1f}s" for name, key in
                  (("train", "training_s"), ("comm", "communication_s"), ("merge", "merge_s"), ("wait", "waiting_s"))]  # fmt: skip
