@@ -87,6 +87,7 @@ class EventConfig:
     ci_window: int = 8  # versions back the CI gate's "best" looks at (slow drift fails)
     max_delta_bytes: int = 256 * 1024 * 1024  # largest encoded delta a peer accepts (bytes)
     seed: int = 0  # seed of the model's initial parameters
+    allowed_peers: list = field(default_factory=list)  # private event: the only peer ids that take part (empty: open)
 
     def event_hash(self) -> str:
         """sha256 hex of the canonical JSON of every field: the swarm's identity."""

@@ -214,6 +214,10 @@ class RoundRunner:
         self._eval_cache: dict[str, dict[str, float]] = {}
         self._bytes_mark = (0, 0)
         self.commits_refused = 0  # head commits a joiner refused (forged, or a chain that does not check)
+        self._allowed = frozenset(event.allowed_peers)  # private event's peer ids (empty: open event)
+        self.records_refused = 0  # records from peers outside a private event
+        if self._allowed:
+            transport.serve_only = self._serves
         self._decoded: dict[str, dict[str, torch.Tensor]] = {}  # delta hash -> screened, decoded delta
         self.exclusions: list[dict[str, Any]] = []  # recent deltas refused by screening: round, peer, reason
         self._busy_mark = 0.0
@@ -520,6 +524,9 @@ class RoundRunner:
         except RemoteProtocolError as e:
             logger.debug("dropped record", signer=subkey[:12], error=str(e))
             return False
+        if self._allowed and signer not in self._allowed:
+            self.records_refused += 1  # a private event: not one of its peers
+            return False
         base = getattr(msg, "base_version", None)
         current = self.machine.round if self.machine is not None else None
         if base is not None and base != self.head and current is not None and msg.round >= current:
@@ -635,6 +642,10 @@ class RoundRunner:
         self._post(rm.TrainingDone(time.time(), h, max(1, samples), len(encoded.data), norm=norm))
         # never idle while the swarm merges; bounded so a stalled swarm does not grow one delta forever
         self.trainer.train_ahead(3 * self.event.inner_steps)
+
+    def _serves(self, libp2p_id: str) -> bool:
+        """Private events serve objects only to the libp2p ids their allowed peers announced."""
+        return any(p.libp2p_id == libp2p_id for k, p in self._peers.items() if k in self._allowed)
 
     def _outgoing_delta(self, delta: dict[str, torch.Tensor], samples: int) -> tuple[dict[str, torch.Tensor], int]:
         """What we send: our delta and samples, unchanged (daemon/faults.py's liars override this)."""
@@ -907,6 +918,7 @@ class RoundRunner:
             "rounds_joined": self.rounds_joined,
             "round_counters": dict(m.counters) if m is not None else {},
             "commits_refused": self.commits_refused,
+            "records_refused": self.records_refused,
             "exclusions": {"this_round": m.exclusions if m is not None else {}, "recent": self.exclusions[-10:]},
             "history": self.history[-10:],
             "current_round_times": self.times.as_dict() if self.times is not None else None,

@@ -313,6 +313,9 @@ class Transport:
         self._sources: list[tuple[BlobSource, str]] = []  # fallbacks, e.g. the lineage store
         self._serving = 0
         self._handlers: set[str] = {OBJECT_PROTOCOL}  # stream protocols we registered with p2pd
+        # Private events: serve objects only to libp2p peers this says yes to (None: anyone).
+        self.serve_only: Callable[[str], bool] | None = None
+        self.refused_streams = 0
         self._batch: list[_PendingStore] = []  # stores published together, sent as one request per node
         self._closed = False
 
@@ -600,6 +603,10 @@ class Transport:
             except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
                 return
             magic, raw_oid, offset = _REQUEST.unpack(frame)
+            if self.serve_only is not None and not self.serve_only(str(getattr(info, "peer_id", ""))):
+                self.refused_streams += 1
+                writer.write(_RESPONSE.pack(ObjectStatus.NOT_FOUND, 0))  # say nothing of what we hold
+                return
             if magic != _MAGIC:
                 writer.write(_RESPONSE.pack(ObjectStatus.BAD_REQUEST, 0))
                 return

@@ -314,3 +314,17 @@ async def test_nodes_bootstrapped_from_a_stock_hivemind_dht_see_each_others_reco
     finally:
         await a.shutdown()
         await b.shutdown()
+
+
+async def test_a_private_server_serves_objects_only_to_the_peers_it_allows(server, client):
+    oid = server.put_blob(b"members only" * 100, kind="delta")
+    me = client.peer_id.to_base58()
+    server.serve_only = lambda peer: peer != me
+    try:
+        with pytest.raises(ObjectNotFound):
+            await client.call_fetch(server.peer_id, oid, max_size=1 << 20, timeout=10)
+        assert server.refused_streams >= 1
+        server.serve_only = lambda peer: peer == me
+        assert await client.call_fetch(server.peer_id, oid, max_size=1 << 20, timeout=10) == b"members only" * 100
+    finally:
+        server.serve_only = None
