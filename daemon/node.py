@@ -313,6 +313,10 @@ class Node:
             if not task.done():
                 task.cancel()
         await asyncio.gather(*loops.values(), stop_wait, return_exceptions=True)
+        try:  # the last status, for whoever reads the node after it left (benchmarks, `status`)
+            (self.config.home_path / "final_status.json").write_text(json.dumps(self.status(), default=str))
+        except Exception as e:  # status of a half-closed node: best effort, never a reason to fail
+            logger.debug("final status not written", error=repr(e))
         logger.info("stopped", errors=len(errors))
         return errors
 
@@ -341,6 +345,8 @@ class Node:
             "uptime_s": time.time() - self.started,
             "training": {
                 "device": self.trainer.device,
+                "peer_seed": int(self.identity.peer_id[:8], 16),  # selects this node's data shard
+                "busy_s": self.trainer.busy_seconds,
                 "step": p.step,
                 "steps": p.steps,
                 "loss": p.loss,
