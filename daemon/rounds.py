@@ -641,7 +641,8 @@ class RoundRunner:
         )
         self._post(rm.TrainingDone(time.time(), h, max(1, samples), len(encoded.data), norm=norm))
         # never idle while the swarm merges; bounded so a stalled swarm does not grow one delta forever
-        self.trainer.train_ahead(3 * self.event.inner_steps)
+        if self.event.train_ahead:
+            self.trainer.train_ahead(3 * self.event.inner_steps)
 
     def _serves(self, libp2p_id: str) -> bool:
         """Private events serve objects only to the libp2p ids their allowed peers announced."""

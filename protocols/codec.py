@@ -64,17 +64,31 @@ __all__ = [
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def _bits_of(encoder: object) -> tuple[int, ...]:
+    """The value_bits an encoder accepts (fp16, bf16 and int8 ignore it, but it must still be 4 or 8)."""
+    return quant.LOWBIT_BITS if encoder == "lowbit" else (4, 8)
+
+
+def _bits_rule(encoder: object) -> str:
+    return f"must be one of {_bits_of(encoder)} for encoder {encoder!r:.20}"
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     """How a sender compresses its delta (a receiver needs none of this: the payload says)."""
 
-    encoder: str = "topk"  # "fp16" | "bf16" (dense half precision), "int8" (dense, blockwise scales), "topk"
-    block_size: int = 256  # entries per float32 absmax scale (int8, and top-k's values); 0: one per tensor
+    # "fp16" | "bf16" (dense half precision), "int8" (dense, blockwise absmax scales), "topk",
+    # "lowbit" (dense, `value_bits` 1 or 2 per entry: scaled sign, or 4 levels; blockwise scales)
+    encoder: str = "topk"
+    block_size: int = 256  # entries per float32 scale (int8, lowbit, and top-k's values); 0: one per tensor
     density: float = 0.01  # top-k: fraction of entries kept, in (0, 1]
     topk_scope: str = "tensor"  # top-k: "tensor" keeps `density` of each tensor; "global" the largest over all
-    value_bits: int = 8  # top-k: bits per kept value, 8 or 4
+    value_bits: int = 8  # top-k: bits per kept value, 8 or 4; lowbit: bits per entry, 1 or 2
     dense_below: int = 4096  # top-k: tensors with fewer entries (biases, norms) go dense int8; 0: none
     zstd_level: int = 3  # 1..19: zstd each section where that saves >= 1/32 of it; 0: never
+    # Error feedback: the residual is scaled by this before the next delta is added (SparseLoCo's
+    # beta, Sarfi et al. 2025, arXiv:2508.15706). 1.0: plain error feedback, nothing is forgotten.
+    feedback_decay: float = 1.0
     max_decoded_bytes: int = 1 << 34  # bytes: `DeltaCodec.decode` refuses payloads that decode to more
 
     def __post_init__(self) -> None:
@@ -83,9 +97,10 @@ class CodecConfig:
             ("block_size", _is_int(self.block_size) and 0 <= self.block_size <= MAX_BLOCK, f"must be 0..{MAX_BLOCK}"),
             ("density", type(self.density) in (float, int) and 0 < self.density <= 1, "must be in (0, 1]"),
             ("topk_scope", self.topk_scope in ("tensor", "global"), "must be 'tensor' or 'global'"),
-            ("value_bits", self.value_bits in (4, 8), "must be 4 or 8"),
+            ("value_bits", _is_int(self.value_bits) and self.value_bits in _bits_of(self.encoder), _bits_rule(self.encoder)),
             ("dense_below", _is_int(self.dense_below) and self.dense_below >= 0, "must be >= 0"),
             ("zstd_level", _is_int(self.zstd_level) and 0 <= self.zstd_level <= 19, "must be in [0, 19]"),
+            ("feedback_decay", _is_unit(self.feedback_decay), "must be in [0, 1]"),
             ("max_decoded_bytes", _is_int(self.max_decoded_bytes) and self.max_decoded_bytes >= 0, "must be >= 0"),
         ]
         for field, ok, reason in checks:
@@ -148,6 +163,10 @@ class DeltaCodec:
                 enc, params, raws = _encode_topk(x, chosen[name], cfg, max_scale)
             elif cfg.encoder in ("fp16", "bf16"):
                 enc, params, raws = _encode_half(x, cfg.encoder, dtype)
+            elif cfg.encoder == "lowbit":
+                scales, codes = quant.quantize_lowbit(x, cfg.block_size, cfg.value_bits, max_scale)
+                enc, params = "lowbit", {"bits": cfg.value_bits, "block": cfg.block_size}
+                raws = [scales.tobytes(), quant.pack_bits(codes, cfg.value_bits)]
             else:  # "int8", and top-k's small tensors
                 scales, codes = quant.quantize_blockwise(x, cfg.block_size, 8, max_scale)
                 enc, params, raws = "int8", {"block": cfg.block_size}, [scales.tobytes(), codes.tobytes()]
@@ -181,6 +200,12 @@ class ErrorFeedback:
     the sum of what a sender transmitted trails the sum of its true deltas by one residual,
     not by the sum of every round's compression error.
 
+    With `CodecConfig.feedback_decay` beta < 1 it encodes `delta + beta * residual` instead:
+    what was not sent fades by beta per round. This is SparseLoCo's accumulator (Sarfi et al.
+    2025, arXiv:2508.15706: `e <- beta*e + delta; send C(e); e <- e - C(e)`), which takes the
+    place of DiLoCo's outer momentum (use it with outer momentum 0). beta = 1 is plain error
+    feedback, bit for bit.
+
     Each delta passed in must be new relative to what was sent before. If an encoded delta
     was never delivered and the next delta will include it again (a failed round, training
     on from the same base), call `rollback()` before encoding the next one.
@@ -197,14 +222,15 @@ class ErrorFeedback:
         return dict(self._residual)
 
     def encode(self, delta: Mapping[str, torch.Tensor]) -> EncodedDelta:
-        """Encode `delta` plus the residual, and keep what the encoding drops.
+        """Encode `delta` plus the residual (times `feedback_decay`), and keep what the encoding drops.
 
-        Tensors of earlier deltas missing from this one keep their residual for later.
+        Tensors of earlier deltas missing from this one keep their residual for later (undecayed).
 
         Raises:
             UnsupportedDelta: a tensor cannot be encoded, or its shape differs from its residual's.
         """
         dtypes = {name: _dtype_name(name, t) for name, t in delta.items()}
+        decay = float(self.codec.config.feedback_decay)
         corrected: dict[str, torch.Tensor] = {}
         for name, t in delta.items():
             x = t.detach().to("cpu", torch.float32)
@@ -213,7 +239,7 @@ class ErrorFeedback:
                 if kept.shape != x.shape:
                     shapes = f"{tuple(x.shape)} instead of its residual's {tuple(kept.shape)}"
                     raise UnsupportedDelta(name, f"shape {shapes}")
-                x = x + kept
+                x = x + kept if decay == 1.0 else x + torch.mul(kept, decay)
             corrected[name] = x
         data = self.codec._encode({name: (dtypes[name], x) for name, x in corrected.items()})
         # Decode with the receivers' decoder, so the residual is exactly what they will miss.
@@ -258,6 +284,11 @@ def decode(data: bytes, manifest: Mapping[str, Any], *, max_bytes: int) -> dict[
 
 def _is_int(v: object) -> bool:
     return type(v) is int
+
+
+def _is_unit(v: object) -> bool:
+    """A float or int in [0, 1] (not bool, not NaN)."""
+    return type(v) in (float, int) and 0 <= v <= 1
 
 
 def _count(density: float, numel: int) -> int:

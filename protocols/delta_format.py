@@ -13,12 +13,17 @@ Payload (msgpack; format 1)::
     "int8"  {"block": B}                        [float32 scales, int8 codes]
     "topk"  {"k": k, "bits": 8|4, "block": B,   [index set, float32 scales, codes: int8, or
              "index": "gaps"|"bitmap"}           two 4-bit (code + 8) per byte, low nibble first]
+    "lowbit" {"bits": 1|2, "block": B}          [float32 scales, codes packed 8 / bits per byte,
+                                                 first code in the lowest bits, padding bits 0]
 
 B is entries per scale (0: one scale for the tensor). Top-k's scales and codes cover its k
 values in index order; its index set is `sparse.encode_indices`: varint gaps (no larger than the bitmap,
 or the encoder would have sent the bitmap) or the bitmap. Values decode as
 `float32(code) * scale` (or exact fp16/bf16 widening), scattered into a zero float32
 tensor, then rounded to the entry's dtype: the same bytes give the same bits everywhere.
+A "lowbit" code c (dense, no zero level) is the level `2 * c - (2**bits - 1)`: +-1 for 1 bit,
++-1 or +-3 for 2 bits, and decodes as `float32(level) * scale`. Old decoders refuse "lowbit"
+with `MalformedDelta` (unknown encoder): a sender that uses it needs peers that read it.
 
 `check_payload` validates every header field and declared size (against the payload, the
 manifest and `max_bytes`) before anything is allocated; `decode_entry` then inflates zstd
@@ -61,7 +66,7 @@ __all__ = [
 assert sys.byteorder == "little", "raw sections are little endian, as numpy's native arrays on this host"
 
 FORMAT_VERSION = 1
-ENCODERS = ("fp16", "bf16", "int8", "topk")
+ENCODERS = ("fp16", "bf16", "int8", "topk", "lowbit")
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 # Largest finite value a decoded entry may take in each dtype (F64 decodes via float32).
@@ -74,7 +79,13 @@ MAX_NAME_CHARS = 1024
 SECTION_RAW, SECTION_ZSTD = 0, 1
 _ZSTD_WINDOW = 1 << 23  # bytes; frames needing a larger window are refused (levels <= 19 fit)
 
-_PARAMS = {"fp16": set(), "bf16": set(), "int8": {"block"}, "topk": {"k", "bits", "block", "index"}}
+_PARAMS = {
+    "fp16": set(),
+    "bf16": set(),
+    "int8": {"block"},
+    "topk": {"k", "bits", "block", "index"},
+    "lowbit": {"bits", "block"},
+}
 _ENTRY_KEYS = {"name", "dtype", "shape", "enc", "params", "sections"}
 
 
@@ -205,6 +216,13 @@ def _section_sizes(where: str, enc: str, params: dict, numel: int) -> list[tuple
     if enc == "int8":
         scales = 4 * quant.block_count(numel, block)
         return [(scales, scales), (numel, numel)]
+    if enc == "lowbit":
+        bits = params["bits"]
+        if not _is_int(bits) or bits not in quant.LOWBIT_BITS:
+            raise MalformedDelta(f"{where}.bits", f"expected one of {quant.LOWBIT_BITS}, got {bits!r:.40}")
+        scales = 4 * quant.block_count(numel, block)
+        codes = -(-numel * bits // 8)
+        return [(scales, scales), (codes, codes)]
     k = _int(params["k"], f"{where}.k", 0, numel)
     bits = params["bits"]
     if not _is_int(bits) or bits not in (4, 8):
@@ -279,6 +297,12 @@ def decode_entry(e: CheckedEntry) -> torch.Tensor:
     elif e.enc == "int8":
         scales = _scales(raws[0], e.sections[0].where, e.dtype)
         x = quant.dequantize_blockwise(scales, np.frombuffer(raws[1], dtype=np.int8), e.params["block"])
+    elif e.enc == "lowbit":
+        scales = _scales(raws[0], e.sections[0].where, e.dtype)
+        codes, clean = quant.unpack_bits(raws[1], e.numel, e.params["bits"])
+        if not clean:
+            raise MalformedDelta(e.sections[1].where, "padding bits set")
+        x = quant.dequantize_blockwise(scales, quant.lowbit_levels(codes, e.params["bits"]), e.params["block"])
     else:
         x = _decode_topk(e, raws)
     tensor = torch.from_numpy(x).reshape(e.shape).to(DTYPES[e.dtype])

@@ -7,6 +7,12 @@ per element (`code * scale`), so every peer computes bit-identical values.
 Blockwise quantisation follows bitsandbytes' blockwise 8-bit scheme: the array is cut into
 blocks of `block` entries, each block stores its absmax as a float32 scale, and the entries
 become signed integer codes in [-qmax, qmax] (qmax = 127 for 8 bits, 7 for 4 bits).
+
+Low-bit quantisation (1 or 2 bits, `quantize_lowbit`) has no zero level: the levels are the
+odd multiples of the block's scale, {-1, 1} or {-3, -1, 1, 3}, and the scale is fitted to the
+block by least squares (1 bit: mean |x|, i.e. signSGD's scaled sign; 2 bits: a few Lloyd
+steps from 0.5 rms, the optimal uniform quantiser of a Gaussian). Absmax scaling would waste
+these few levels on outliers; error feedback carries what the levels miss.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ __all__ = [
     "dequantize_blockwise",
     "pack_int4",
     "unpack_int4",
+    "LOWBIT_BITS",
+    "quantize_lowbit",
+    "lowbit_levels",
+    "pack_bits",
+    "unpack_bits",
 ]
 
 QMAX = {8: 127, 4: 7}  # largest code magnitude per bit width (symmetric, so 0 is exact)
@@ -136,3 +147,79 @@ def unpack_int4(buf: bytes, n: int) -> np.ndarray:
     nib[0::2] = packed & 0x0F
     nib[1::2] = packed >> 4
     return nib[:n].view(np.int8) - np.int8(8)
+
+
+LOWBIT_BITS = (1, 2)
+LOWBIT_LLOYD_STEPS = 3  # scale refits of the 2-bit quantiser (the error barely moves after 2)
+
+
+def lowbit_levels(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes in [0, 2**bits) -> their odd levels as int8: 2 * code - (2**bits - 1)."""
+    return (codes.astype(np.int8) * np.int8(2) - np.int8((1 << bits) - 1)).astype(np.int8)
+
+
+def quantize_lowbit(x: np.ndarray, block: int, bits: int, max_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Quantise flat float32 `x` to `bits` (1 or 2) per entry with one float32 scale per block.
+
+    Entry i decodes as `lowbit_levels(code) * scale` (levels +-1, or +-1 and +-3).
+
+    Returns:
+        (scales float32 of shape (block_count,), codes uint8 in [0, 2**bits) of shape x.shape)
+    """
+    n = x.size
+    if n == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.uint8)
+    block = n if block == 0 else block
+    nblocks = -(-n // block)
+    pad = nblocks * block - n
+    xb = (np.concatenate([x, np.zeros(pad, np.float32)]) if pad else x).reshape(nblocks, block)
+    count = np.full(nblocks, block, np.float64)
+    count[-1] -= pad  # padding zeros add nothing to the sums below but must not count as entries
+    if bits == 1:
+        scale = np.abs(xb).sum(axis=1, dtype=np.float64) / count  # least squares for fixed signs
+        scales = np.minimum(scale.astype(np.float32), np.float32(max_scale))
+        return scales, (x >= 0).view(np.uint8)
+    # 2 bits: level index k in {-2, -1, 0, 1} is level 2k + 1, the odd multiple nearest to x / scale.
+    # Start from the Gaussian optimum (0.5 rms), then Lloyd steps: assign levels, refit the scale by
+    # least squares, sum (2k+1) x / sum (2k+1)^2 (padding zeros sit at k = 0 and add nothing).
+    scale = 0.5 * np.sqrt(np.square(xb, dtype=np.float64).sum(axis=1) / count)
+    sum_x = xb.sum(axis=1, dtype=np.float64)
+    for step in range(LOWBIT_LLOYD_STEPS + 1):
+        half_inv = np.zeros(nblocks, np.float32)
+        np.divide(np.float32(0.5), scale.astype(np.float32), out=half_inv, where=scale > 0)
+        k = xb * half_inv[:, None]
+        np.floor(k, out=k)
+        np.clip(k, -2, 1, out=k)
+        if step == LOWBIT_LLOYD_STEPS:
+            break
+        num = 2 * (k * xb).sum(axis=1, dtype=np.float64) + sum_x
+        den = 4 * np.square(k).sum(axis=1, dtype=np.float64) + 4 * k.sum(axis=1, dtype=np.float64) + count
+        scale = np.where(num > 0, num / den, scale)
+    scales = np.minimum(scale.astype(np.float32), np.float32(max_scale))
+    codes = (k.reshape(-1)[:n] + np.float32(2)).astype(np.uint8)
+    return scales, codes
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> bytes:
+    """Pack codes in [0, 2**bits) (bits 1 or 2), first code in the lowest bits of each byte."""
+    per = 8 // bits
+    c = np.zeros(-(-codes.size // per) * per, np.uint8)
+    c[: codes.size] = codes
+    c = c.reshape(-1, per)
+    out = np.zeros(c.shape[0], np.uint8)
+    for j in range(per):
+        out |= c[:, j] << np.uint8(j * bits)
+    return out.tobytes()
+
+
+def unpack_bits(buf: bytes, n: int, bits: int) -> tuple[np.ndarray, bool]:
+    """Inverse of `pack_bits`: (n codes as uint8, whether the padding bits are all zero).
+    len(buf) must be ceil(n * bits / 8)."""
+    per = 8 // bits
+    packed = np.frombuffer(buf, dtype=np.uint8)
+    mask = np.uint8((1 << bits) - 1)
+    c = np.empty((packed.size, per), np.uint8)
+    for j in range(per):
+        c[:, j] = (packed >> np.uint8(j * bits)) & mask
+    flat = c.reshape(-1)
+    return flat[:n].copy(), not np.any(flat[n:])

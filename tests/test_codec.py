@@ -44,6 +44,8 @@ CONFIGS = {
     "topk8": CodecConfig(density=0.1, value_bits=8, dense_below=0, block_size=16),
     "topk4": CodecConfig(density=0.1, value_bits=4, dense_below=0, block_size=0),
     "global": CodecConfig(density=0.1, topk_scope="global", dense_below=0),
+    "sign": CodecConfig(encoder="lowbit", value_bits=1, block_size=16),
+    "lowbit2": CodecConfig(encoder="lowbit", value_bits=2, block_size=0),
 }
 
 
@@ -122,6 +124,58 @@ def _nonzero(x: torch.Tensor) -> set[int]:
 
 def _largest(x: torch.Tensor, k: int) -> set[int]:
     return set(torch.argsort(x.reshape(-1).abs(), descending=True)[:k].tolist())
+
+
+
+@pytest.mark.parametrize("block", [0, 16, 100])
+def test_one_bit_lowbit_is_the_blocks_mean_magnitude_times_the_sign(block):
+    x = torch.randn(37, 53, generator=torch.Generator().manual_seed(3))
+    out = _roundtrip(CodecConfig(encoder="lowbit", value_bits=1, block_size=block), {"w": x})["w"].reshape(-1)
+    flat = x.reshape(-1)
+    size = flat.numel() if block == 0 else block
+    for start in range(0, flat.numel(), size):
+        xb, ob = flat[start : start + size], out[start : start + size]
+        assert torch.equal(torch.sign(ob), torch.where(xb >= 0, 1.0, -1.0))
+        assert torch.allclose(ob.abs(), xb.abs().mean().expand_as(ob), rtol=1e-5)
+
+
+def test_two_bit_lowbit_uses_four_levels_and_beats_one_bit():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(4))
+    errs = {}
+    for bits in (1, 2):
+        out = _roundtrip(CodecConfig(encoder="lowbit", value_bits=bits, block_size=0), {"w": x})["w"]
+        levels = torch.unique(out)
+        assert levels.numel() == 2**bits
+        odd = torch.tensor([-1.0, 1.0]) if bits == 1 else torch.tensor([-3.0, -1.0, 1.0, 3.0])
+        assert torch.allclose(levels, odd * levels[-1] / odd[-1])  # odd multiples of one scale
+        errs[bits] = float((out - x).norm() / x.norm())
+    # Gaussian: scaled sign keeps 2/pi of the energy (error 0.60); the optimal 4-level uniform quantiser 0.34
+    assert errs[1] < 0.62 and errs[2] < 0.36
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_lowbit_payload_is_bits_per_entry_plus_scales(bits):
+    x = {"w": torch.randn(1000)}
+    data = DeltaCodec(CodecConfig(encoder="lowbit", value_bits=bits, block_size=100, zstd_level=0)).encode_without_feedback(x)
+    sections = _entries(data)[0]["sections"]
+    assert [len(s[2]) for s in sections] == [4 * 10, 1000 * bits // 8]
+
+
+def test_lowbit_of_zeros_decodes_to_zeros():
+    out = _roundtrip(CodecConfig(encoder="lowbit", value_bits=2, block_size=8), {"w": torch.zeros(20)})["w"]
+    assert torch.equal(out, torch.zeros(20))
+
+
+def test_lowbit_error_feedback_tracks_the_true_sum():
+    feedback = DeltaCodec(CodecConfig(encoder="lowbit", value_bits=1, block_size=64)).feedback()
+    g = torch.Generator().manual_seed(5)
+    true_sum, sent_sum = torch.zeros(640), torch.zeros(640)
+    for _ in range(30):
+        delta = torch.randn(640, generator=g) + 0.3
+        true_sum += delta
+        sent_sum += decode(feedback.encode({"w": delta}).data, {"w": ("F32", (640,))}, max_bytes=LIMIT)["w"]
+    assert torch.allclose(sent_sum + feedback.residual["w"], true_sum, atol=1e-4)
+    assert float(feedback.residual["w"].norm()) < 0.2 * float(true_sum.norm())
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -289,6 +343,55 @@ def test_rollback_restores_the_residual_before_the_last_encode():
     assert torch.equal(feedback.residual["w"], kept)
 
 
+def _feedback_run(config: CodecConfig, rounds: int, seed: int = 0) -> tuple[list[bytes], dict[str, torch.Tensor]]:
+    feedback = DeltaCodec(config).feedback()
+    g = torch.Generator().manual_seed(seed)
+    payloads = [feedback.encode({"w": torch.randn(40, 30, generator=g), "b": torch.randn(9, generator=g)}).data for _ in range(rounds)]
+    return payloads, feedback.residual
+
+
+def test_feedback_decay_one_is_plain_error_feedback_bit_for_bit():
+    plain, plain_res = _feedback_run(CodecConfig(density=0.05, dense_below=0), 6)
+    one, one_res = _feedback_run(CodecConfig(density=0.05, dense_below=0, feedback_decay=1.0), 6)
+    assert plain == one
+    assert all(torch.equal(plain_res[k], one_res[k]) for k in plain_res)
+
+
+def test_feedback_decay_scales_the_residual_before_adding_the_delta():
+    # SparseLoCo's accumulator: e <- beta * e + delta; send C(e); e <- e - C(e)
+    beta = 0.9
+    config = CodecConfig(density=0.1, dense_below=0, feedback_decay=beta)
+    feedback = DeltaCodec(config).feedback()
+    g = torch.Generator().manual_seed(1)
+    manifest = {"w": ("F32", (500,))}
+    e = torch.zeros(500)
+    for _ in range(5):
+        delta = torch.randn(500, generator=g)
+        e = torch.mul(e, beta) + delta
+        expected = DeltaCodec(config).encode_without_feedback({"w": e})
+        data = feedback.encode({"w": delta}).data
+        assert data == expected
+        e = e - decode(data, manifest, max_bytes=LIMIT)["w"]
+        assert torch.equal(feedback.residual["w"], e)
+
+
+def test_feedback_decay_zero_forgets_what_was_not_sent():
+    config = CodecConfig(density=0.1, dense_below=0, feedback_decay=0.0)
+    feedback = DeltaCodec(config).feedback()
+    feedback.encode({"w": torch.randn(300)})
+    delta = {"w": torch.randn(300)}
+    assert feedback.encode(delta).data == DeltaCodec(config).encode_without_feedback(delta)
+
+
+def test_decayed_feedback_keeps_the_residual_bounded():
+    # a constant drift: with decay the residual settles below drift / (1 - beta) per entry
+    beta = 0.95
+    feedback = DeltaCodec(CodecConfig(density=0.02, dense_below=0, feedback_decay=beta)).feedback()
+    for _ in range(200):
+        feedback.encode({"w": torch.full((1000,), 0.01)})
+    assert float(feedback.residual["w"].abs().max()) <= 0.01 / (1 - beta) + 1e-6
+
+
 def test_error_feedback_refuses_a_tensor_whose_shape_changed():
     feedback = DeltaCodec(CodecConfig(density=0.1, dense_below=0)).feedback()
     feedback.encode({"w": torch.randn(300)})
@@ -312,7 +415,7 @@ def test_encoding_refuses_non_finite_or_non_float_tensors(bad):
 
 
 @pytest.mark.parametrize(
-    "field", ["encoder", "block_size", "density", "topk_scope", "value_bits", "dense_below", "zstd_level"]
+    "field", ["encoder", "block_size", "density", "topk_scope", "value_bits", "dense_below", "zstd_level", "feedback_decay"]
 )
 def test_config_refuses_out_of_range_fields(field):
     bad = {
@@ -323,10 +426,18 @@ def test_config_refuses_out_of_range_fields(field):
         "value_bits": 2,
         "dense_below": -1,
         "zstd_level": 22,
+        "feedback_decay": 1.5,
     }
     with pytest.raises(InvalidCodecConfig) as e:
         CodecConfig(**{field: bad[field]})
     assert e.value.field == field
+
+
+@pytest.mark.parametrize("encoder,bits", [("lowbit", 4), ("lowbit", 8), ("topk", 1), ("topk", 2), ("lowbit", True)])
+def test_config_refuses_bit_widths_the_encoder_lacks(encoder, bits):
+    with pytest.raises(InvalidCodecConfig) as e:
+        CodecConfig(encoder=encoder, value_bits=bits)
+    assert e.value.field == "value_bits"
 
 
 def test_codec_errors_are_protocol_errors():
@@ -387,8 +498,23 @@ def _varints(values: list[int]) -> bytes:
     return bytes(out)
 
 
+def _lowbit(**overrides) -> dict:
+    return _payload(CodecConfig(**{"encoder": "lowbit", "value_bits": 1, "block_size": 64, "zstd_level": 0, **overrides}))
+
+
 T0 = ["tensors", 0]
 MALFORMED = {
+    "lowbit bits not 1 or 2": (_lowbit, _set([*T0, "params", "bits"], 4), "params.bits"),
+    "lowbit bits a bool": (_lowbit, _set([*T0, "params", "bits"], True), "params.bits"),
+    "lowbit extra param": (_lowbit, _set([*T0, "params", "k"], 3), "params"),
+    "lowbit wrong code bytes": (_lowbit, _replace_section(1, b"\0" * 124), "sections[1]"),
+    "lowbit wrong scale count": (_lowbit, _replace_section(0, b"\0" * 12), "sections[0]"),
+    "lowbit NaN scale": (_lowbit, _replace_section(0, np.full(16, np.nan, np.float32).tobytes()), "sections[0]"),
+    "lowbit padding bits set": (  # tensor 1 has 10 entries: 2 bytes of 1-bit codes, 6 padding bits
+        _lowbit,
+        _set(["tensors", 1, "sections", 1], [0, 2, b"\x00\xff"]),
+        "tensors[1].sections[1]",
+    ),
     "format version": (_topk, _set(["format"], 2), "format"),
     "format is a bool": (_topk, _set(["format"], True), "format"),
     "extra envelope key": (_topk, _set(["extra"], 1), "payload"),
@@ -466,6 +592,20 @@ def test_decoder_refuses_malformed_field(case):
         decode(data, MANIFEST, max_bytes=LIMIT)
     assert where in e.value.where
 
+
+
+def test_corrupted_lowbit_payloads_raise_only_codec_errors():
+    data = DeltaCodec(CodecConfig(encoder="lowbit", value_bits=2, block_size=64, zstd_level=0)).encode_without_feedback(BASE)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        buf = bytearray(data)
+        for pos in rng.integers(0, len(buf), rng.integers(1, 4)):
+            buf[pos] = int(rng.integers(0, 256))
+        try:
+            out = decode(bytes(buf), MANIFEST, max_bytes=LIMIT)
+        except CodecError:
+            continue
+        assert all(bool(torch.isfinite(t).all()) and tuple(t.shape) == MANIFEST[n][1] for n, t in out.items())
 
 @pytest.mark.parametrize("data", [b"", b"\xc1", b"\x92\x01", msgpack.packb([1, 2]), "text"])
 def test_decoder_refuses_what_is_not_a_payload(data):

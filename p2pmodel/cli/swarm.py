@@ -110,7 +110,6 @@ def _demo_event(inner_steps: int, nodes: int) -> dict:
         "proposal_timeout": 8.0,
         "min_members": nodes,  # every round waits for all demo nodes (up to the collect window)
         "round_deadline": 150.0,
-        "codec": {"encoder": "topk", "density": 0.05, "value_bits": 8},
         "task_options": {"train_bytes": 300_000, "eval_batches": 4},
     }
 
