@@ -53,7 +53,7 @@ from hivemind.p2p import P2PDaemonError
 from p2pmodel.daemon.logs import get_logger
 from p2pmodel.daemon.transport import RecordCheck, Transport, TransportError
 from p2pmodel.protocols.errors import RemoteProtocolError
-from p2pmodel.protocols.signing import open_signed, signer_of
+from p2pmodel.protocols.signing import signed_by, signer_of
 
 __all__ = [
     "GOSSIP_PROTOCOL",
@@ -323,14 +323,6 @@ class _PeerQueue:
         self.retry_at = 0.0
 
 
-def _default_check(subkey: str, value: bytes) -> bool:
-    try:
-        _, signer = open_signed(value)
-    except RemoteProtocolError:
-        return False
-    return signer == subkey
-
-
 # ------------------------------------------------------------------------------------ gossip
 
 
@@ -357,7 +349,7 @@ class Gossip:
         self.transport = transport
         self._deliver = deliver
         self._targets = targets
-        self._check = check or transport.validator.check or _default_check
+        self._check = check or transport.validator.check or signed_by
         max_record = limits.max_record_bytes or transport.limits.max_record_bytes
         self.max_record_bytes = max_record
         self.max_frame_bytes = limits.max_frame_bytes or min(max_record + 64 * 1024, 8 * 1024 * 1024)

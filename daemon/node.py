@@ -42,7 +42,7 @@ from p2pmodel.daemon.trainer import Trainer
 from p2pmodel.daemon.transport import Transport
 from p2pmodel.errors import P2PModelError
 from p2pmodel.lineage import LineageError, LineageStore, RepositoryNotFound
-from p2pmodel.protocols.signing import PeerIdentity
+from p2pmodel.protocols.signing import PeerIdentity, signed_by
 from p2pmodel.tasks import Task, load_task
 
 __all__ = ["Node", "NodeError", "NodeShutdownError", "seed_version"]
@@ -177,7 +177,7 @@ class Node:
                 host_maddrs=config.host_maddrs,
                 announce_maddrs=config.announce_maddrs,
                 identity_path=str(home / "libp2p.key"),
-                record_check=_record_check,
+                record_check=signed_by,  # DHT records are envelopes signed by their subkey
                 limits=_transport_limits(config),
             )
             self._closers.append(("transport", self.transport.shutdown))
@@ -363,17 +363,6 @@ class Node:
         state.update(self.runner.status())
         return state
 
-
-def _record_check(subkey: str, value: bytes) -> bool:
-    """DHT records must be signed envelopes whose signer is the record's subkey."""
-    from p2pmodel.protocols.errors import RemoteProtocolError
-    from p2pmodel.protocols.signing import open_signed
-
-    try:
-        _, signer = open_signed(value)
-    except RemoteProtocolError:
-        return False
-    return signer == subkey
 
 
 def _transport_limits(config: NodeConfig):

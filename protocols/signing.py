@@ -37,6 +37,7 @@ from .errors import (
     KeyFileError,
     LocalProtocolError,
     MalformedMessage,
+    RemoteProtocolError,
     MessageTooLarge,
     WrongSigner,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "PeerIdentity",
     "sign",
     "open_signed",
+    "signed_by",
     "signer_of",
     "peer_id_of",
 ]
@@ -238,3 +240,13 @@ def open_signed(data: bytes, expected: type[Message] | None = None) -> tuple[Mes
     if claimed is not None and claimed != signer:
         raise ImpersonationError(msg.TYPE, msg.SENDER, claimed, signer)
     return msg, signer
+
+
+def signed_by(subkey: str, value: bytes) -> bool:
+    """True when `value` is a valid signed envelope whose signer is `subkey` (the record check
+    every DHT record and every pushed record must pass)."""
+    try:
+        _, signer = open_signed(value)
+    except RemoteProtocolError:
+        return False
+    return signer == subkey

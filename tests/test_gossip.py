@@ -39,7 +39,7 @@ from p2pmodel.daemon.gossip import (
     read_frame,
     split_frames,
 )
-from p2pmodel.daemon.node import _record_check
+from p2pmodel.protocols.signing import signed_by
 from p2pmodel.daemon.transport import Transport, TransportLimits
 from p2pmodel.protocols.messages import Departure, encode
 from p2pmodel.protocols.signing import SIGNING_DOMAIN, PeerIdentity, _pack_envelope, sign
@@ -191,9 +191,9 @@ RECEIVER = GossipLimits(sender_burst_records=60, sender_records_per_s=2.0, max_r
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def peers():
     limits = TransportLimits(max_record_bytes=4096)
-    first = await Transport.create(record_check=_record_check, limits=limits)
+    first = await Transport.create(record_check=signed_by, limits=limits)
     boot = await first.visible_maddrs()
-    others = [await Transport.create(initial_peers=boot, record_check=_record_check, limits=limits) for _ in range(2)]
+    others = [await Transport.create(initial_peers=boot, record_check=signed_by, limits=limits) for _ in range(2)]
     made = [Peer(t, RECEIVER) for t in (first, *others)]
     for p in made:
         await p.gossip.start()
