@@ -997,9 +997,17 @@ class RoundMachine:
         v = self._view
         assert v is not None
         med, norm = self._median_norm(), v.norms.get(delta_hash)
-        if med is None or norm is None or norm <= self.config.max_norm_ratio * med:
+        if norm is None:
             return ""
-        return f"norm {norm:.3g} is over {self.config.max_norm_ratio:g} x the round's median {med:.3g}"
+        if med is not None and norm > self.config.max_norm_ratio * med:
+            return f"norm {norm:.3g} is over {self.config.max_norm_ratio:g} x the round's median {med:.3g}"
+        # Too few norms for a median (a liar can propose early, listing few deltas): our own
+        # delta's norm is one we trust; honest ones differ by the steps taken (a few x at most).
+        mine = v.norms.get(self._my_delta[0]) if self._my_delta is not None else None
+        bound = self.config.max_norm_ratio**2
+        if mine and norm > bound * mine:
+            return f"norm {norm:.3g} is over {bound:g} x our own delta's {mine:.3g}"
+        return ""
 
     def _screened(self, fetched: list[tuple[str, DeltaAnnouncement]]) -> tuple[ProposalDelta, ...]:
         """What we propose: fetched deltas less norm outliers, weighed by samples capped at

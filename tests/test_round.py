@@ -722,3 +722,18 @@ def test_a_rejected_delta_is_never_proposed_and_a_failed_merge_lets_the_next_pro
     # and a merge that fails (say the CI gate refuses it) makes the proposal dead, not live
     m.process(MergeFailed(36.0, message_hash(prop), "CI gate"))
     assert m.counters["failed_merges"] == 1 and m.phase is Phase.COLLECTING
+
+
+def test_with_too_few_norms_for_a_median_our_own_delta_bounds_the_others():
+    # a liar proposes early, listing only its own x100 delta and ours: no median to trust yet
+    me, liar = ORDER[3], ORDER[0]
+    m = machine(me)
+    for pid in IDS[:4]:
+        if pid != me:
+            m.process(announce(pid))
+    m.process(TrainingDone(4.0, delta_hash(me), 10, 100, norm=1.0))
+    for a in of(m.process(delta_ann(liar)), FetchDelta):
+        m.process(DeltaFetched(3.0, a.delta_hash, True, norm=100.0))
+    prop = proposal(liar, deltas=[ProposalDelta(p, delta_hash(p), 10.0) for p in sorted([me, liar])])
+    acts = m.process(MessageReceived(31.0, prop, liar))
+    assert not of(acts, Merge) and m.counters["screened_proposal"] == 1
