@@ -40,6 +40,8 @@ CONFIGS = [
     CodecConfig(density=0.05, dense_below=100),
     CodecConfig(density=0.5, value_bits=4, dense_below=0, block_size=0),
     CodecConfig(density=0.1, topk_scope="global", dense_below=0),
+    CodecConfig(encoder="lowbit", value_bits=2, block_size=1024),  # the default event's codec
+    CodecConfig(encoder="lowbit", value_bits=1, block_size=64),
 ]
 PAYLOADS = [DeltaCodec(c).encode_without_feedback(DELTAS) for c in CONFIGS]
 
