@@ -34,6 +34,9 @@ peer is answered RATE_LIMITED or BUSY without its frame being read, and the othe
 before. Every envelope goes through the record check the DHT applies (`check(signer, envelope)`,
 by default `Transport.validator.check`, else `open_signed`) before `deliver(signer, envelope)`.
 Malformed frames raise `FrameError` internally, are counted by reason, and never reach the node.
+
+Why one long file: framing, the sender queue and the receiver budgets are one protocol; the pure
+framing is the seam to move out if it grows.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ The version a merge produces is a pure function of the proposal and the base ver
 `_build_version`), so every honest peer derives the same id: parents, tensors, outer momentum,
 the proposal's time and proposer, the merge spec (method, params, deltas with weights, members,
 proposal hash) and the contributors (peers whose deltas were merged).
+
+Why one long file: it is the I/O shell of one state machine; every action handler lives beside the
+others so the table above stays true. The next seam to cut: records and polling (with gossip.py).
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ Stream wire format (all integers big-endian), one request per stream:
 
 The blob bytes are written in `chunk_size` pieces; the stream closes after the last one. A reader
 that sees EOF early knows exactly where to resume.
+
+Why one long file: the DHT records, the object stream and its resumable client share one p2pd and one
+set of limits and counters; the object stream (server + client) is the seam to split next.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ consensus argument of Raft's membership change). Corollaries:
 - the same weak quorum of E publishing deltas or votes for a later round makes a peer jump
   to that round (announcements alone do not: a peer catching up announces a round ahead);
 - if more than a third of E vanishes at once, rounds stop committing until they return.
+
+Why one long file: every decision of the round lives here on purpose (the h11 rule); events and
+actions are in round_io.py, the commit rule in certificate.py.
 """
 
 from __future__ import annotations

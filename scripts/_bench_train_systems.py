@@ -21,6 +21,9 @@ reports the host's `lo`, while /proc/self/net/dev follows the reading process's 
 
 The final evaluation is not done here: the orchestrator evaluates what each runner leaves
 behind (a safetensors file, or node0's lineage) with one function, the same for every system.
+
+Why one long file: one small function per system (swarm, DDP, hivemind, single) and their workers,
+run as subprocesses of bench_train; splitting per system would duplicate the runner glue.
 """
 
 from __future__ import annotations
@@ -331,7 +334,9 @@ def worker_hivemind(spec: RunSpec, rank: int) -> None:
     _save_params(model, spec.dir / f"params{rank}.safetensors")
     with torch.no_grad(), opt.state_averager.get_tensors() as averaged:
         # the buffer holds the result of the last averaging round: equal on every peer if it ran
-        torch.save([t.detach().clone() for t in averaged], spec.dir / f"averaged{rank}.pt")
+        from safetensors.torch import save_file  # never pickle, even between our own processes
+
+        save_file({str(i): t.detach().clone().contiguous() for i, t in enumerate(averaged)}, str(spec.dir / f"averaged{rank}.safetensors"))
     _report(spec, rank, result, local_epoch=opt.local_epoch, averaging_outcomes=counter.outcomes)
     barrier(spec, "saved", rank, deadline)
     opt.shutdown()
@@ -377,7 +382,6 @@ def check_hivemind_averaging(spec: RunSpec, reports: list[dict]) -> dict[str, An
        with none (early steps of both peers share a direction, so even unaveraged peers stay
        correlated; the gap widens with steps). The bound is 0.35.
     """
-    import torch
     from safetensors.torch import load_file
 
     from p2pmodel.tasks import load_task
@@ -386,7 +390,7 @@ def check_hivemind_averaging(spec: RunSpec, reports: list[dict]) -> dict[str, An
     full_rounds = [sum(1 for g in o if g == spec.peers) for o in outcomes]
     expected = spec.steps // spec.inner_steps
     last_ok = all(o and o[-1] == spec.peers for o in outcomes)
-    buffers = [torch.load(spec.dir / f"averaged{r}.pt") for r in range(spec.peers)]
+    buffers = [list(load_file(str(spec.dir / f"averaged{r}.safetensors")).values()) for r in range(spec.peers)]
     buffer_diff = max(float((a - b).abs().max()) for other in buffers[1:] for a, b in zip(buffers[0], other))
     init = {k: v.float() for k, v in load_task("charlm", **spec.task_options).build_model().state_dict().items()}
     params = [load_file(str(spec.dir / f"params{r}.safetensors")) for r in range(spec.peers)]
