@@ -660,6 +660,13 @@ class RoundMachine:
             self._count("duplicate" if prev == msg else "equivocation")
             return
         v.deltas[msg.peer_id] = msg
+        if msg.peer_id not in v.members and len(v.members) < self.config.max_members:
+            # An electorate member's delta stands for its announcement: we may have missed that
+            # (it was sent before we started). Leaving a delivering peer out of the members
+            # shrinks the next electorate to the peers we happened to hear, and with a liar and
+            # two crashes among them the honest could no longer reach its quorum (found by
+            # hypothesis: 10 peers, 1 liar, 2 crashes, every round after the first failed).
+            v.add_member(msg.peer_id)
         if msg.peer_id != self.peer.peer_id:
             self._fetch(msg.peer_id, msg.delta_hash, out)  # prefetch: every peer merges every delta
 

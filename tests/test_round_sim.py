@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from p2pmodel.protocols.sim import Fault, NetConfig, Partition, SimConfig, Simulation
@@ -53,8 +53,20 @@ def schedules(draw, *, heal_by: float | None = None) -> SimConfig:
     )  # fmt: skip
 
 
-EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "80"))  # SIM_EXAMPLES=1500 for a soak run (about 2 minutes)
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The suite runs a fixed set of schedules (derandomized: CI must not fail by the draw of a
+# seed); SIM_EXAMPLES=1500 runs a random soak (about 2 minutes) to look for new failures.
+SOAK = "SIM_EXAMPLES" in os.environ
+EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "80"))
+SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, derandomize=not SOAK, suppress_health_check=[HealthCheck.too_slow]
+)
+
+# Found by a soak: a peer that missed an electorate member's announcement (sent before it
+# started) left that member out of its proposal although it held its delta.
+MISSED_ANNOUNCEMENTS = SimConfig(
+    n_peers=10, rounds=3, until=900.0, seed=2, net=NetConfig(delay_min=0.05, delay_max=0.0625),
+    faults=((0, Fault.WRONG_VOTE),), crashes=((1, 1.0), (4, 32.0)),
+)  # fmt: skip
 
 
 @SETTINGS
@@ -68,6 +80,7 @@ def test_honest_peers_never_commit_different_versions_in_one_round(cfg):
 
 @SETTINGS
 @given(schedules(heal_by=300.0))
+@example(MISSED_ANNOUNCEMENTS)
 def test_rounds_keep_committing_once_partitions_heal(cfg):
     result = Simulation(cfg).run()
     live = [p for p in result.honest if p not in result.crashed]
