@@ -90,6 +90,10 @@ class EventConfig:
     ci_max_regression: float = 0.10  # a version whose eval loss exceeds base's by more than this fraction fails CI
     ci_max_regression_best: float = 0.20  # ... or exceeds the best of the last ci_window versions' by this fraction
     ci_window: int = 8  # versions back the CI gate's "best" looks at (slow drift fails)
+    # The merge's screen (p2pmodel.screening): a delta pointing away from the round's median
+    # delta, or over this multiple of its median norm, is left out (set by measurement, see there)
+    screen_min_cosine: float = 0.3  # -1 keeps every delta's direction
+    screen_max_norm_ratio: float = 4.0
     max_delta_bytes: int = 256 * 1024 * 1024  # largest encoded delta a peer accepts (bytes)
     seed: int = 0  # seed of the model's initial parameters
     allowed_peers: list = field(default_factory=list)  # private event: the only peer ids that take part (empty: open)

@@ -66,6 +66,7 @@ from p2pmodel.protocols.messages import (
     message_hash,
 )
 from p2pmodel.protocols.signing import open_signed, sign
+from p2pmodel.screening import DeltaScreen
 from p2pmodel.versioning import Contribution, OuterOptimizer, RoundSpec, build_round_version
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ class RoundRunner:
         self.codec = DeltaCodec(CodecConfig(**event.codec))
         self.feedback = self.codec.feedback()
         self.outer = OuterOptimizer(lr=event.outer_lr, momentum=event.outer_momentum)
+        self.screen = DeltaScreen(min_cosine=event.screen_min_cosine, max_norm_ratio=event.screen_max_norm_ratio)
         self.gate = CIGate(
             max_regression=event.ci_max_regression, max_regression_best=event.ci_max_regression_best, window=event.ci_window
         )
@@ -188,6 +190,7 @@ class RoundRunner:
             proposal_timeout=event.proposal_timeout,
             round_deadline=event.round_deadline,
             min_members=event.min_members,
+            max_norm_ratio=event.screen_max_norm_ratio,
             method=event.merge_method,
             params=tuple(sorted(event.merge_params.items())),
         )
@@ -804,7 +807,7 @@ class RoundRunner:
             round=p.round, base_version=p.base_version, proposer=p.proposer, time=p.time, method=p.method,
             members=tuple(p.members), proposal_hash=proposal_hash, params=dict(p.params),
         )  # fmt: skip
-        return build_round_version(self.store, spec, contributions, self.outer)
+        return build_round_version(self.store, spec, contributions, self.outer, self.screen)
 
     # ------------------------------------------------------------------------------ commits
 
@@ -851,6 +854,12 @@ class RoundRunner:
             t.bytes_sent = counters.total_sent() - self._bytes_mark[0]
             t.bytes_received = counters.total_received() - self._bytes_mark[1]
             entry.update(t.as_dict())
+        screened = (version.merge or {}).get("screened", [])
+        if screened:
+            entry["screened"] = len(screened)
+            for peer, why in screened:
+                self.exclusions.append({"round": a.round, "peer": peer, "reason": f"merge screen: {why}"})
+            del self.exclusions[:-50]
         self.history.append(entry)
         del self.history[:-50]
         logger.info(

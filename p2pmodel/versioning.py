@@ -19,6 +19,7 @@ import torch
 
 from p2pmodel.lineage import LineageStore, Version
 from p2pmodel.merge import METHODS, merge_deltas
+from p2pmodel.screening import DeltaScreen, screen_deltas
 from p2pmodel.training import TrainingError, outer_step
 
 __all__ = ["Contribution", "RoundSpec", "OuterOptimizer", "merge_contributions", "build_round_version"]
@@ -85,9 +86,14 @@ def merge_contributions(
 
 
 def build_round_version(
-    store: LineageStore, spec: RoundSpec, contributions: Sequence[Contribution], outer: OuterOptimizer
+    store: LineageStore,
+    spec: RoundSpec,
+    contributions: Sequence[Contribution],
+    outer: OuterOptimizer,
+    screen: DeltaScreen | None = None,
 ) -> tuple[Version, dict[str, torch.Tensor]]:
-    """Merge `contributions` on `spec.base_version`, apply the outer step, store the tensors.
+    """Screen `contributions` (p2pmodel.screening), merge the rest on `spec.base_version`,
+    apply the outer step, store the tensors.
 
     Returns `(version, params)`: the version record (not yet indexed: `store.put_version`
     indexes it once a quorum commits it) and its parameters. Deterministic: the same inputs
@@ -95,6 +101,11 @@ def build_round_version(
     """
     base_version = store.get_version(spec.base_version)
     base = store.state_dict(spec.base_version)
+    screened: list[tuple[str, str]] = []
+    if screen is not None:
+        result = screen_deltas([c.delta for c in contributions], screen)
+        screened = [(contributions[i].peer_id, why) for i, why in result.excluded]
+        contributions = [contributions[i] for i in result.kept]
     merged = merge_contributions(spec.method, base, contributions, seed=spec.round, params=spec.params)
     momentum = {k: store.get_tensor(e) for k, e in base_version.optimizer_state.items()} or None
     new_params, new_momentum = outer_step(base, merged, momentum, lr=outer.lr, mu=outer.momentum, nesterov=outer.nesterov)
@@ -112,10 +123,13 @@ def build_round_version(
     }
     if spec.excluded:
         merge_spec["excluded"] = [[p, why] for p, why in spec.excluded]
+    if screened:  # listed by the proposer, left out by the merge's screen (same on every peer)
+        merge_spec["screened"] = [[p, why] for p, why in screened]
     version = Version(
         parents=(spec.base_version,),
         tensors=tensors,
-        message=f"round {spec.round}: {spec.method} of {len(contributions)} deltas",
+        message=f"round {spec.round}: {spec.method} of {len(contributions)} deltas"
+        + (f" ({len(screened)} screened out)" if screened else ""),
         time=spec.time,
         author=spec.proposer,
         round=spec.round,

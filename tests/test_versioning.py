@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from p2pmodel.lineage import LineageStore
+from p2pmodel.screening import DeltaScreen
 from p2pmodel.training import TrainingError, outer_step
 from p2pmodel.versioning import Contribution, OuterOptimizer, RoundSpec, build_round_version
 
@@ -76,3 +77,17 @@ def test_no_outer_momentum_stores_no_optimizer_state(store):
     base = seed(store)
     v, _ = build_round_version(store, spec(base), deltas(), OuterOptimizer(lr=1.0, momentum=0.0))
     assert v.optimizer_state == {}
+
+
+def test_the_screen_leaves_out_a_flipped_delta_and_the_version_says_who_and_why(store):
+    base = seed(store)
+    g = torch.Generator().manual_seed(1)
+    common = torch.randn(4, 3, generator=g)
+    good = [Contribution(f"p{i}", f"d{i}", 1.0, {"w": common + 0.1 * torch.randn(4, 3, generator=g)}) for i in range(3)]
+    liar = Contribution("p9", "d9", 1.0, {"w": -common})
+    v, params = build_round_version(store, spec(base), good + [liar], OUTER, DeltaScreen())
+    assert v.contributors == ("p0", "p1", "p2")
+    assert [p for p, _ in v.merge["screened"]] == ["p9"] and "cosine" in v.merge["screened"][0][1]
+    assert "1 screened out" in v.message
+    _, honest_params = build_round_version(store, spec(base), good, OUTER, DeltaScreen())
+    torch.testing.assert_close(params["w"], honest_params["w"], rtol=0, atol=0)
