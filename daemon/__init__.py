@@ -12,6 +12,7 @@ Map:
 - `faults.py`    — fault-injecting transport for multi-process tests (`join --fault`).
 - `trainer.py`   — runs the task's inner loop in a worker thread.
 - `status.py`    — the local HTTP status API on 127.0.0.1, its client, and the loop-lag monitor.
+- `metrics.py`   — Prometheus `/metrics` for the status API: a collector over the status snapshot.
 - `config.py`    — `NodeConfig`, the one frozen config object; CLI flags are generated from it.
 - `logs.py`      — structured one-line logs and the terminal progress line.
 

@@ -1,8 +1,9 @@
 """The node's local status API, its client, and the event-loop lag monitor.
 
-- `StatusServer` answers `GET /status` with the node's state as JSON (and `GET /healthz` with
-  `ok`) on 127.0.0.1 only. It is a tiny HTTP/1.1 server on asyncio streams: one request per
-  connection, bounded header size and read time, no dependency beyond the standard library.
+- `StatusServer` answers `GET /status` with the node's state as JSON, `GET /metrics` with the
+  same state as Prometheus metrics (`metrics.py`), and `GET /healthz` with `ok`, on 127.0.0.1
+  only. It is a tiny HTTP/1.1 server on asyncio streams: one request per connection, bounded
+  header size and read time.
 - `fetch_status(url)` reads it (blocking; for the CLI), `format_status(state)` renders it.
 - `LagMonitor` measures how late the event loop wakes up from a short sleep; its worst value is
   part of the status, so a stalled loop (heavy work left on it) shows up immediately.
@@ -19,7 +20,11 @@ import urllib.request
 from collections import deque
 from typing import Any, Callable
 
+from prometheus_client import CollectorRegistry
+
 from p2pmodel.daemon.logs import get_logger
+from p2pmodel.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from p2pmodel.daemon.metrics import render_metrics, status_registry
 from p2pmodel.errors import P2PModelError
 
 __all__ = ["StatusServer", "LagMonitor", "StatusUnavailable", "fetch_status", "format_status"]
@@ -87,6 +92,7 @@ class StatusServer:
         self._state = state
         self._host, self._port = host, port
         self._server: asyncio.base_events.Server | None = None
+        self._metrics: CollectorRegistry = status_registry(state)  # this server's own, never the global one
 
     @classmethod
     async def create(cls, state: Callable[[], dict[str, Any]], port: int = 0) -> "StatusServer":
@@ -125,7 +131,9 @@ class StatusServer:
             if path in (b"/", b"/status"):
                 body = json.dumps(_jsonable(self._state()), sort_keys=True).encode()
                 return await self._reply(writer, 200, "application/json", body)
-            await self._reply(writer, 404, "text/plain", b"not found; try /status\n")
+            if path == b"/metrics":
+                return await self._reply(writer, 200, METRICS_CONTENT_TYPE, render_metrics(self._metrics))
+            await self._reply(writer, 404, "text/plain", b"not found; try /status or /metrics\n")
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # a slow, broken or oversized request: just close
         finally:
