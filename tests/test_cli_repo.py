@@ -1,8 +1,10 @@
 """The repository commands of the `p2pmodel` command line (p2pmodel.cli.repo).
 
 Guarantees: init/commit/log/show/diff/export/branch/tag/verify/gc work end to end on a real
-repository folder; `--json` output has the documented fields and values; `log --graph`
-draws branches and merges; user errors (pickle input, unknown ref, existing output, bad
+repository folder; `--json` output has the documented fields and values (`log --json`
+lists each version's contributors); `log --graph` draws branches and merges and shows per
+version its round, eval loss, contributor count, CI result (a certificate's votes) and the
+deltas its merge screened out, each only when recorded; user errors (pickle input, unknown ref, existing output, bad
 flags, damaged repository) exit non-zero with one line naming the problem and no traceback.
 
 Starting Python with torch costs seconds, so the process-level properties (entry point,
@@ -137,7 +139,7 @@ def test_log_json_lists_versions_newest_first_with_metrics_and_refs(capsys, repo
     assert entries[0]["metrics"] == {"eval_loss": 2.5} and entries[1]["metrics"] is None
     assert entries[0]["refs"] == ["refs/heads/main"] and entries[0]["head"] is True
     assert set(entries[0]) == {"id", "parents", "time", "message", "author", "round", "metrics",
-                               "n_tensors", "refs", "head"}
+                               "n_tensors", "refs", "head", "contributors"}
 
 
 def test_log_limit_shows_at_most_n(capsys, repo):
@@ -253,6 +255,44 @@ def test_log_graph_draws_branches_and_merges(capsys, scratch):
     assert any(line.startswith("| *  " + side.id[:12]) for line in lines)
     assert any(line.startswith("* |  " + ours.id[:12]) for line in lines)
     assert "|/" in lines
+
+
+def _round_version(store: LineageStore, **record) -> str:
+    """Commit on main a version shaped like a swarm round's (see p2pmodel.versioning); returns its id."""
+    version = store.commit({"w": torch.ones(1)}, message=f"round {record.get('round')}: mean of 2 deltas", branch="main",
+                           author="aa" * 20, **record)
+    return version.id
+
+
+def test_log_json_lists_each_versions_contributors(capsys, scratch):
+    store = LineageStore.open(scratch)
+    _round_version(store, round=7, contributors=["aa" * 20, "bb" * 20])
+    code, out, _ = call(capsys, "log", "--json", repo=scratch)
+    entries = json.loads(out)
+    assert code == 0 and entries[0]["contributors"] == ["aa" * 20, "bb" * 20]
+    assert entries[1]["contributors"] == []  # a local commit merges nobody's work
+
+
+def test_log_graph_shows_round_eval_loss_contributors_ci_and_screened(capsys, scratch):
+    store = LineageStore.open(scratch)
+    vid = _round_version(
+        store, round=7, contributors=["aa" * 20, "bb" * 20], metrics={"eval_loss": 2.25},
+        certificate={"round": 7, "proposal": "f00d" * 16, "votes": [b"vote-1", b"vote-2", b"vote-3"]},
+        merge={"method": "mean", "screened": [["cc" * 20, "cosine -0.9 < 0.3"]]},
+    )  # fmt: skip
+    _, out, _ = call(capsys, "log", "--graph", repo=scratch)
+    line = {text[3:15]: text for text in out.splitlines()}
+    assert line[vid[:12]].endswith("[round=7  eval_loss=2.25  contributors=2  ci=passed(3 votes)  screened=1]")
+    second = store.resolve("main~1")  # committed by hand: no round, contributors, certificate or screen
+    assert line[second[:12]].endswith("second  [eval_loss=2.5]")
+
+
+def test_log_graph_shows_no_screened_count_for_a_merge_that_screened_nothing(capsys, scratch):
+    store = LineageStore.open(scratch)
+    vid = _round_version(store, round=8, contributors=["aa" * 20], merge={"method": "mean"})
+    _, out, _ = call(capsys, "log", "--graph", repo=scratch)
+    first = out.splitlines()[0]
+    assert vid[:12] in first and first.endswith("[round=8  contributors=1]")
 
 
 def test_draw_graph_routes_a_fork_and_a_merge():

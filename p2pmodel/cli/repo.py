@@ -8,9 +8,11 @@ ids are full 64-hex strings, shapes are lists of ints, bytes are ints:
 
 - `log --json`: a list, newest first, of
   `{"id", "parents": [id], "time", "message", "author", "round": int|null,
-    "metrics": {name: float}|null, "n_tensors", "refs": [name], "head": bool}`
+    "metrics": {name: float}|null, "n_tensors", "refs": [name], "head": bool,
+    "contributors": [str]}`
   where `refs` holds the full names of the refs pointing at the version
-  (`refs/heads/main`, `refs/tags/v1`) and `head` is true for the current branch's tip.
+  (`refs/heads/main`, `refs/tags/v1`), `head` is true for the current branch's tip and
+  `contributors` are the peer ids whose work the version merges (empty for a local commit).
 - `show --json`: `{"id", "parents", "refs", "head", "time", "message", "author", "round",
   "merge": object|null, "contributors": [str], "metrics": {..}, "certificate": object|null
   (bytes as hex strings), "tensors": {name: {"oid", "dtype", "shape", "nbytes"}},
@@ -42,11 +44,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from p2pmodel.checkpoint import OutputExists, open_checkpoint, write_hf_folder, write_safetensors
 from p2pmodel.errors import P2PModelError, UsageError
-from p2pmodel.lineage import LineageStore, TensorEntry
+from p2pmodel.lineage import LineageStore, TensorEntry, Version
 from p2pmodel.lineage.diff import DiffReport, diff_versions
 from p2pmodel.lineage.refs import TAG_PREFIX
 from p2pmodel.progress import Progress, format_bytes
@@ -105,7 +107,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add("log", cmd_log, "list versions, newest first")
     p.add_argument("ref", nargs="?", default="HEAD", help="where to start (default: HEAD)")
     p.add_argument("--all", action="store_true", help="every branch and tag, not just REF")
-    p.add_argument("--graph", action="store_true", help="draw the ancestry graph (branches and merges)")
+    p.add_argument("--graph", action="store_true",
+                   help="draw the ancestry graph (branches and merges) with each version's round, metrics, "
+                        "contributors, CI result and screened-out deltas")
     p.add_argument("--json", action="store_true", help="machine-readable output (see the module docs)")
     p.add_argument("-n", "--max-count", type=int, default=None, metavar="N", help="show at most N versions")
 
@@ -223,6 +227,27 @@ def _metrics_text(metrics: dict[str, float] | None) -> str:
     return "  ".join(f"{k}={v:.6g}" for k, v in sorted((metrics or {}).items()))
 
 
+def _round_text(round_: int | None, metrics: dict[str, float] | None, version: Version, certificate: Any) -> str:
+    """`log --graph`'s summary of a version: round, metrics, contributors, CI, screened deltas.
+
+    Each part appears only when the version records it. CI: a committed round's certificate
+    holds the votes of the peers whose CI gate passed the version (a peer whose gate fails does
+    not vote), so "passed(N votes)"; a version without one (a local commit) shows no CI result.
+    """
+    parts = [f"round={round_}"] if round_ is not None else []
+    if metrics:
+        parts.append(_metrics_text(metrics))
+    if version.contributors:
+        parts.append(f"contributors={len(version.contributors)}")
+    votes = certificate.get("votes") if isinstance(certificate, Mapping) else None
+    if votes:
+        parts.append(f"ci=passed({len(votes)} votes)")
+    screened = (version.merge or {}).get("screened")
+    if screened is not None:  # deltas the merge's screen left out (p2pmodel.screening)
+        parts.append(f"screened={len(screened)}")
+    return "  ".join(parts)
+
+
 def _table(rows: list[list[str]], right: Iterable[int] = ()) -> list[str]:
     """Rows of cells -> aligned lines; columns in `right` are right-aligned."""
     if not rows:
@@ -309,11 +334,15 @@ def cmd_log(args: argparse.Namespace) -> int:
         else:
             infos = store.log_info(args.ref, args.max_count)
         refs, full, head = _refs_by_id(store), _full_refs_by_id(store), _head_id(store)
+        # contributors and the merge spec live in the version record, not the index: read the
+        # records only when asked for them, so a plain `log` stays an index query
+        records = {i.id: store.get_version(i.id) for i in infos} if args.json or args.graph else {}
+        certificates = {i.id: store.annotations(i.id).certificate for i in infos} if args.graph else {}
     if args.json:
         _print_json([
             {"id": i.id, "parents": list(i.parents), "time": i.time, "message": i.message, "author": i.author,
              "round": i.round, "metrics": i.metrics, "n_tensors": i.n_tensors, "refs": full.get(i.id, []),
-             "head": i.id == head}
+             "head": i.id == head, "contributors": list(records[i.id].contributors)}
             for i in infos
         ])
         return 0
@@ -321,7 +350,10 @@ def cmd_log(args: argparse.Namespace) -> int:
     for i in infos:
         deco = f"({', '.join(refs[i.id])}) " if i.id in refs else ""
         first_line = i.message.splitlines()[0] if i.message else ""
-        extra = _metrics_text(i.metrics)
+        if args.graph:
+            extra = _round_text(i.round, i.metrics, records[i.id], certificates[i.id])
+        else:
+            extra = _metrics_text(i.metrics)
         texts.append(f"{i.id[:SHORT]}  {_when(i.time)}  {deco}{first_line}" + (f"  [{extra}]" if extra else ""))
     if args.graph:
         lines = draw_graph([(i.id, i.parents) for i in infos], texts)
