@@ -13,7 +13,9 @@ Map:
 - `trainer.py`   — runs the task's inner loop in a worker thread.
 - `status.py`    — the local HTTP status API on 127.0.0.1, its client, and the loop-lag monitor.
 - `metrics.py`   — Prometheus `/metrics` for the status API: a collector over the status snapshot.
-- `config.py`    — `NodeConfig`, the one frozen config object; CLI flags are generated from it.
+- `config.py`    — `NodeConfig` (CLI flags are generated from it) and `EventConfig`, with
+  `load_event` (TOML or JSON) and the event's full validation.
+- `manifest.py`  — `event.toml` as `p2pmodel seed` writes it, and `--set key=value` overrides.
 - `logs.py`      — structured one-line logs and the terminal progress line.
 
 Names are imported lazily: `import p2pmodel.daemon` stays cheap (the CLI imports it to build

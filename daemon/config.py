@@ -3,34 +3,52 @@
 - `NodeConfig`  — what is local to one volunteer's machine (where it listens, its home folder,
   device, status port). Every field becomes a `p2pmodel join` flag with the field's help text.
 - `EventConfig` — what every peer of one swarm must agree on (task, round length, merge method,
-  outer optimizer, codec). It comes from the event manifest (`--event FILE`, JSON holding only
-  overrides of the defaults) and its hash (`event_hash`) is part of every `PeerAnnouncement`,
-  so peers of different events never mix.
+  outer optimizer, codec). It comes from the event manifest (`--event FILE`: TOML as
+  `p2pmodel seed` writes it, or JSON; either holds overrides of the defaults) and its hash
+  (`event_hash`) is part of every `PeerAnnouncement`, so peers of different events never mix.
 
-Unknown keys in a manifest are an error (`ConfigError`), never silently ignored.
+A manifest is checked whole before anything starts (`event_from_mapping`): unknown keys, also
+nested ones (`codec.densty`), are an error, never silently ignored, as are a merge method or
+parameters that do not exist and timing that cannot work. Each `ConfigError` names its key.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
+import math
+import re
+import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from p2pmodel.errors import UsageError
 
-__all__ = ["NodeConfig", "EventConfig", "ConfigError", "add_node_flags", "node_config_from_args", "load_event"]
+__all__ = [
+    "NodeConfig",
+    "EventConfig",
+    "ConfigError",
+    "add_node_flags",
+    "node_config_from_args",
+    "load_event",
+    "event_from_mapping",
+]
 
 
 class ConfigError(UsageError):
-    """A config value or manifest is invalid. Fields: `source` (file or flag), `reason`."""
+    """A config value or manifest is invalid.
 
-    def __init__(self, source: str, reason: str):
-        self.source, self.reason = source, reason
-        super().__init__(f"{source}: {reason}")
+    Fields: `source` (file or flag), `reason`, and `key` (the setting at fault, dotted for
+    nested ones such as `codec.density`; None when the whole file is at fault).
+    """
+
+    def __init__(self, source: str, reason: str, *, key: str | None = None):
+        self.source, self.reason, self.key = source, reason, key
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -45,7 +63,7 @@ class NodeConfig:
     """Settings of one node (one volunteer's machine). Safe defaults: loopback only."""
 
     peers: tuple[str, ...] = _f((), "multiaddrs of any live peer or bootstrap DHT node; none starts a new swarm")
-    event: str = _f("", "event manifest (JSON); empty means the built-in charlm event")
+    event: str = _f("", "event manifest (.toml from `p2pmodel seed`, or JSON); empty means the built-in charlm event")
     seeder: str = _f("", "peer id of the swarm's founder (printed in its join line); empty when founding")
     home: str = _f("~/.p2pmodel/node", "folder for this node's identity keys and lineage")
     device: str = _f("auto", "training device: auto (cuda when present), cpu or cuda[:N]")
@@ -65,38 +83,44 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class EventConfig:
-    """What every peer of a swarm agrees on. The manifest file holds overrides of these."""
+    """What every peer of a swarm agrees on. The manifest file holds overrides of these.
 
-    name: str = "charlm"  # event name; part of every DHT key of the swarm
-    task: str = "charlm"  # task plugin: "charlm" or "package.module:object"
-    task_options: dict = field(default_factory=dict)  # keyword options for the task's factory
+    Each field's `help` metadata is its one-line description: `p2pmodel seed` writes it as the
+    comment beside the setting in `event.toml`.
+    """
+
+    name: str = _f("charlm", "event name; part of every DHT key of the swarm")
+    task: str = _f("charlm", 'task plugin: "charlm", "hf" or "package.module:object"')
+    task_options: dict = _f({}, "keyword options for the task's factory")
     # Defaults chosen by measurement (scripts/sweep_outer, scripts/bench_train; table in README):
     # 2-bit deltas with error feedback and plain averaging beat Nesterov 0.7/0.9 and top-k 1%,
     # which trained worse than one peer alone, at ~1/850 of DDP's bytes.
-    inner_steps: int = 50  # H: AdamW steps each peer takes per round
-    inner_lr: float = 3e-3  # AdamW learning rate of the inner loop
-    outer_lr: float = 1.0  # outer learning rate (DiLoCo's Nesterov SGD; 1 with momentum 0 is averaging)
-    outer_momentum: float = 0.0  # outer Nesterov momentum (DiLoCo uses 0.9); stored in the lineage
-    merge_method: str = "linear"  # p2pmodel.merge method applied to the deltas
-    merge_params: dict = field(default_factory=dict)  # that method's parameters
-    # DeltaCodec settings; an event's codec dict replaces this one whole
-    codec: dict = field(default_factory=lambda: {"encoder": "lowbit", "value_bits": 2, "block_size": 1024})
-    train_ahead: bool = True  # train on while the swarm merges, then rebase (training never waits)
-    seeder: str = ""  # peer id of the swarm's founder: the electorate of the seed version
-    collect_window: float = 30.0  # seconds from entering a round to the first proposer's slot
-    proposal_timeout: float = 10.0  # seconds each proposer rank waits before the next takes over
-    min_members: int = 1  # a round closes before its collect window only once this many peers delivered
-    round_deadline: float = 180.0  # seconds from entering a round until it fails if nothing committed
-    ci_max_regression: float = 0.10  # a version whose eval loss exceeds base's by more than this fraction fails CI
-    ci_max_regression_best: float = 0.20  # ... or exceeds the best of the last ci_window versions' by this fraction
-    ci_window: int = 8  # versions back the CI gate's "best" looks at (slow drift fails)
+    inner_steps: int = _f(50, "H: AdamW steps each peer takes per round")
+    inner_lr: float = _f(3e-3, "AdamW learning rate of the inner loop")
+    outer_lr: float = _f(1.0, "outer learning rate (DiLoCo's Nesterov SGD; 1 with momentum 0 is averaging)")
+    outer_momentum: float = _f(0.0, "outer Nesterov momentum (DiLoCo uses 0.9); stored in the lineage")
+    merge_method: str = _f("linear", "p2pmodel.merge method applied to the deltas")
+    merge_params: dict = _f({}, "that method's parameters (one value each; the swarm weighs deltas by samples)")
+    codec: dict = _f(
+        {"encoder": "lowbit", "value_bits": 2, "block_size": 1024},
+        "DeltaCodec settings (protocols/codec.py CodecConfig); an event's codec table replaces this one whole",
+    )
+    train_ahead: bool = _f(True, "train on while the swarm merges, then rebase (training never waits)")
+    seeder: str = _f("", "peer id of the swarm's founder: the electorate of the seed version")
+    collect_window: float = _f(30.0, "seconds from entering a round to the first proposer's slot")
+    proposal_timeout: float = _f(10.0, "seconds each proposer rank waits before the next takes over")
+    min_members: int = _f(1, "a round closes before its collect window only once this many peers delivered")
+    round_deadline: float = _f(180.0, "seconds from entering a round until it fails if nothing committed")
+    ci_max_regression: float = _f(0.10, "a version whose eval loss exceeds its base's by more than this fraction fails CI")
+    ci_max_regression_best: float = _f(0.20, "... or exceeds the best of the last ci_window versions' by this fraction")
+    ci_window: int = _f(8, 'versions back the CI gate\'s "best" looks at (slow drift fails)')
     # The merge's screen (p2pmodel.screening): a delta pointing away from the round's median
     # delta, or over this multiple of its median norm, is left out (set by measurement, see there)
-    screen_min_cosine: float = 0.3  # -1 keeps every delta's direction
-    screen_max_norm_ratio: float = 4.0
-    max_delta_bytes: int = 256 * 1024 * 1024  # largest encoded delta a peer accepts (bytes)
-    seed: int = 0  # seed of the model's initial parameters
-    allowed_peers: list = field(default_factory=list)  # private event: the only peer ids that take part (empty: open)
+    screen_min_cosine: float = _f(0.3, "a delta whose cosine with the round's median delta is below this is left out (-1 keeps every direction)")
+    screen_max_norm_ratio: float = _f(4.0, "a delta whose norm exceeds this multiple of the round's median norm is left out")
+    max_delta_bytes: int = _f(256 * 1024 * 1024, "largest encoded delta a peer accepts (bytes)")
+    seed: int = _f(0, "seed of the model's initial parameters")
+    allowed_peers: list = _f([], "private event: the only peer ids that take part (empty: open)")
 
     def event_hash(self) -> str:
         """sha256 hex of the canonical JSON of every field: the swarm's identity."""
@@ -111,35 +135,152 @@ class EventConfig:
 
 
 def load_event(path: str | None) -> EventConfig:
-    """The event of a manifest file (JSON of overrides), or the default event for None/"".
+    """The event of a manifest file (TOML if it ends in `.toml`, else JSON), or the default
+    event for None/"". The file holds overrides of `EventConfig`'s defaults.
 
     Raises:
-        ConfigError: unreadable file, not a JSON object, unknown keys, or wrong value types.
+        ConfigError: unreadable or unparsable file, or any check of `event_from_mapping`.
     """
     if not path:
         return EventConfig()
+    file = Path(path).expanduser()
     try:
-        data = json.loads(Path(path).expanduser().read_text())
-    except (OSError, ValueError) as e:
+        text = file.read_text()
+        data = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise ConfigError(str(path), f"cannot read the event manifest ({e})") from None
     return event_from_mapping(data, source=str(path))
 
 
 def event_from_mapping(data: Any, *, source: str = "event") -> EventConfig:
-    """Build an EventConfig from overrides, checking keys and types."""
+    """Build an EventConfig from overrides and check that it can run.
+
+    Checked: unknown keys (top level and inside `codec`), value types, codec values, the merge
+    method and its parameters, timing (positive, and a collect window that ends before the
+    round's deadline) and ranges.
+
+    Raises:
+        ConfigError: the first problem found; its `key` names the setting (`codec.density`).
+    """
     if not isinstance(data, Mapping):
-        raise ConfigError(source, "an event manifest is a JSON object")
+        raise ConfigError(source, "an event manifest is a table (JSON object) of settings")
     known = {f.name: f for f in fields(EventConfig)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(source, f"unknown keys {unknown}; known keys are {sorted(known)}")
+    for key in sorted(data):
+        if key not in known:
+            raise ConfigError(source, _unknown(key, known), key=key)
     defaults = EventConfig()
+    values = {}
     for key, value in data.items():
-        want = type(getattr(defaults, key))
-        ok = isinstance(value, want) or (want is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok or (want is int and isinstance(value, bool)):
-            raise ConfigError(source, f"{key} must be a {want.__name__}, not {type(value).__name__}")
-    return EventConfig(**{k: (float(v) if isinstance(getattr(defaults, k), float) else v) for k, v in data.items()})
+        default = getattr(defaults, key)
+        want = type(default)
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)
+        if not ok:
+            raise ConfigError(source, f"must be {_kind(want)}, not {_kind(type(value))}", key=key)
+        if want is float and not math.isfinite(value):
+            raise ConfigError(source, f"must be finite, got {value}", key=key)
+        values[key] = value
+    if "codec" in values:
+        values["codec"] = _checked_codec(values["codec"], source)
+    event = EventConfig(**values)
+    _check_event(event, source)
+    return event
+
+
+def _kind(t: type) -> str:
+    names = {dict: "a table", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number"}
+    return names.get(t, f"a {t.__name__}")
+
+
+def _unknown(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(sorted(known))}"
+    return f"unknown key ({hint})"
+
+
+def _checked_codec(codec: dict, source: str) -> dict:
+    """`codec` with float settings as floats (1 and 1.0 make the same event), or ConfigError."""
+    from p2pmodel.protocols.codec import CodecConfig
+    from p2pmodel.protocols.codec_errors import InvalidCodecConfig
+
+    known = {f.name: f.default for f in fields(CodecConfig)}
+    for key in sorted(codec):
+        if key not in known:
+            raise ConfigError(source, _unknown(key, known), key=f"codec.{key}")
+    out = {}
+    for key, value in codec.items():
+        want = type(known[key])
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(source, f"must be {_kind(want)}, not {_kind(type(value))}", key=f"codec.{key}")
+        out[key] = value
+    try:
+        CodecConfig(**out)
+    except InvalidCodecConfig as e:
+        raise ConfigError(source, e.reason, key=f"codec.{e.field}") from None
+    return out
+
+
+_PEER_ID = re.compile(r"[0-9a-f]{40}")  # protocols.signing.peer_id_of: 40 lowercase hex digits
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # goes into every DHT key of the swarm
+
+
+def _check_event(e: EventConfig, source: str) -> None:
+    """Raise ConfigError for the first setting of `e` that cannot work."""
+    # The round machine enforces the same timing (protocols.round.RoundConfig), but only at
+    # round 0 and without naming the setting; here it fails before any network starts.
+    rules: list[tuple[str, bool, str]] = [  # (key, valid, what a valid value is)
+        ("name", bool(_NAME.fullmatch(e.name)), "must be 1-64 letters, digits, '.', '_' or '-'"),
+        ("task", bool(e.task.strip()), "must name a task"),
+        ("inner_steps", e.inner_steps > 0, "must be positive"),
+        ("inner_lr", e.inner_lr > 0, "must be positive"),
+        ("outer_lr", e.outer_lr > 0, "must be positive"),
+        ("outer_momentum", 0 <= e.outer_momentum < 1, "must be in [0, 1)"),
+        ("seeder", not e.seeder or bool(_PEER_ID.fullmatch(e.seeder)), "must be a peer id (40 lowercase hex digits) or empty"),
+        ("collect_window", e.collect_window > 0, "must be positive (seconds)"),
+        ("proposal_timeout", e.proposal_timeout > 0, "must be positive (seconds)"),
+        ("round_deadline", e.round_deadline > 0, "must be positive (seconds)"),
+        ("collect_window", e.collect_window < e.round_deadline,
+         f"must end before round_deadline ({e.collect_window:g} >= {e.round_deadline:g} s): no round could ever commit"),
+        ("min_members", e.min_members >= 1, "must be at least 1"),
+        ("ci_max_regression", e.ci_max_regression >= 0, "must be >= 0"),
+        ("ci_max_regression_best", e.ci_max_regression_best >= 0, "must be >= 0"),
+        ("ci_window", e.ci_window >= 1, "must be at least 1"),
+        ("screen_min_cosine", -1 <= e.screen_min_cosine <= 1, "must be in [-1, 1]"),
+        ("screen_max_norm_ratio", e.screen_max_norm_ratio >= 1, "must be >= 1 (below 1 even the median delta is left out)"),
+        ("max_delta_bytes", e.max_delta_bytes > 0, "must be positive (bytes)"),
+        ("allowed_peers", all(isinstance(p, str) and _PEER_ID.fullmatch(p) for p in e.allowed_peers),
+         "must list peer ids (40 lowercase hex digits)"),
+    ]  # fmt: skip
+    for key, ok, reason in rules:
+        if not ok:
+            raise ConfigError(source, reason, key=key)
+    _check_merge(e.merge_method, e.merge_params, source)
+
+
+def _check_merge(method: str, params: Mapping[str, Any], source: str) -> None:
+    """The method exists, can merge any number of deltas, and takes these parameters."""
+    from p2pmodel.merge.functional import prepare
+    from p2pmodel.merge.registry import MergeParameterError, UnknownMethod, get_method
+
+    try:
+        m = get_method(method)
+    except UnknownMethod as err:
+        raise ConfigError(source, f"unknown merge method {method!r} (known: {', '.join(err.known)})", key="merge_method") from None
+    if m.n_models is not None:
+        raise ConfigError(source, f"{method} merges exactly {m.n_models} models; a round merges any number of deltas", key="merge_method")
+    for name, value in params.items():
+        key = f"merge_params.{name}"
+        if name == "weights":
+            raise ConfigError(source, "set by the swarm (each delta weighs by the samples it holds)", key=key)
+        if not isinstance(value, (str, bool, int, float)):  # the round's proposal carries scalars only
+            raise ConfigError(source, f"must be a single value, not {_kind(type(value))}", key=key)
+    try:
+        prepare(method, 3, None, dict(params))  # 3: any count works alike once lists are ruled out
+    except MergeParameterError as err:
+        raise ConfigError(source, err.reason, key=f"merge_params.{err.param.removesuffix('_')}") from None
 
 
 def add_node_flags(parser: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ Each module here registers a group of subcommands:
 
 - `repo.py`   — init, commit, log, show, diff, export, branch, tag, verify, gc
 - `merge.py`  — merge
+- `seed.py`   — seed (found an event: seed version + manifest)
 - `swarm.py`  — join, status, demo
 - `ci.py`     — ci (the CI gate, offline)
 
@@ -24,7 +25,7 @@ from p2pmodel.errors import P2PModelError
 
 __all__ = ["main", "build_parser"]
 
-_COMMAND_MODULES = ("repo", "merge", "swarm", "ci")
+_COMMAND_MODULES = ("repo", "merge", "seed", "swarm", "ci")
 
 
 def build_parser() -> argparse.ArgumentParser:

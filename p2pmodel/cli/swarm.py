@@ -55,11 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_join(args: argparse.Namespace) -> int:
     import asyncio
 
-    from p2pmodel.daemon.config import node_config_from_args
+    from p2pmodel.daemon.config import load_event, node_config_from_args
     from p2pmodel.daemon.logs import Progress, configure_logging
     from p2pmodel.daemon.node import Node
 
     config = node_config_from_args(args)
+    # A typo in the event (`codec.densty`, an unknown merge method) is one line naming the key,
+    # here, before the home is touched or any network starts; not a traceback at round 0.
+    load_event(config.event)
     configure_logging(config.log_level, progress=Progress())
 
     async def main() -> None:
