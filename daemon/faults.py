@@ -82,6 +82,10 @@ class Lie(enum.Enum):
     FLIP = "lie_flip"  # its delta times -10: slow poisoning, a little each round
     SAMPLES = "lie_samples"  # sign-flipped delta announced with 10^4 x the samples
     NOISE = "lie_noise"  # Gaussian noise of the delta's norm instead of a delta
+    CYCLE = "lie_cycle"  # each delta tells the next of the lies above, in order (one swarm tries them all)
+
+
+CYCLE = (Lie.NAN, Lie.SCALE, Lie.FLIP, Lie.SAMPLES, Lie.NOISE)
 
 
 class LyingRoundRunner(RoundRunner):
@@ -91,20 +95,22 @@ class LyingRoundRunner(RoundRunner):
 
     def _outgoing_delta(self, delta: dict[str, torch.Tensor], samples: int) -> tuple[dict[str, torch.Tensor], int]:
         self.lies_told = getattr(self, "lies_told", 0) + 1
-        if self.lie is Lie.NAN:
+        lie = self.telling = CYCLE[(self.lies_told - 1) % len(CYCLE)] if self.lie is Lie.CYCLE else self.lie
+        logger.info("fault: lying", lie=lie.value, round=self.machine.round if self.machine else None)
+        if lie is Lie.NAN:
             return delta, samples  # the bytes are tampered with instead (the encoder refuses NaN)
-        if self.lie is Lie.SCALE:
+        if lie is Lie.SCALE:
             return {k: v * 100 for k, v in delta.items()}, samples
-        if self.lie is Lie.FLIP:
+        if lie is Lie.FLIP:
             return {k: v * -10 for k, v in delta.items()}, samples
-        if self.lie is Lie.SAMPLES:
+        if lie is Lie.SAMPLES:
             return {k: -v for k, v in delta.items()}, samples * 10_000
         gen = torch.Generator().manual_seed(self.lies_told)
         return {k: torch.randn(v.shape, generator=gen) * (v.norm() / max(1, v.numel()) ** 0.5) for k, v in delta.items()}, samples
 
 
     def _outgoing_bytes(self, data: bytes) -> bytes:
-        if self.lie is not Lie.NAN:
+        if getattr(self, "telling", self.lie) is not Lie.NAN:
             return data
         # Modified code can send any bytes: a NaN as the first float32 scale of the first
         # quantised tensor (payload layout: protocols/delta_format.py).

@@ -622,7 +622,8 @@ class RoundRunner:
         if not all(torch.isfinite(t).all() for t in delta.values()):
             self.record_error(f"round {a.round}: training produced NaN/Inf; the delta is dropped")
             self.feedback.reset()
-            delta = {k: torch.zeros_like(t) for k, t in delta.items()}
+            delta, samples = {k: torch.zeros_like(t) for k, t in delta.items()}, 0  # claims no work
+        own = (delta, samples)  # what we keep if it is not merged (a liar keeps its honest work too)
         delta, samples = self._outgoing_delta(delta, samples)
         encoded = await self.trainer.call(self.feedback.encode, delta)
         encoded = dataclasses.replace(encoded, data=self._outgoing_bytes(encoded.data))
@@ -633,7 +634,7 @@ class RoundRunner:
         except (ValueError, P2PModelError):
             norm = None  # only bytes we tampered with fail here (see faults.py); the others judge them
         self._delta_bytes[h] = (a.round, encoded.data)
-        self._own_raw[h] = (delta, samples)
+        self._own_raw[h] = own
         self._last_encoded = h
         self.transport.put_blob(encoded.data, kind="delta_chunk")
         logger.info(
