@@ -768,7 +768,8 @@ class RoundRunner:
         self._candidates[version.id] = _Candidate(version, metrics, a.proposal_hash)
         self._eval_cache[version.id] = metrics
         logger.info("merged", round=a.proposal.round, version=version.id[:12], proposal=a.proposal_hash[:12], deltas=len(a.proposal.deltas), **{k: round(v, 4) for k, v in metrics.items()})
-        self._post(rm.MergeDone(time.time(), a.proposal_hash, version.id, metrics))
+        screened = tuple(p for p, _ in (version.merge or {}).get("screened", ()))
+        self._post(rm.MergeDone(time.time(), a.proposal_hash, version.id, metrics, screened=screened))
 
     async def _recent_metrics(self, vid: str) -> tuple[dict[str, float], list[dict[str, float]]]:
         """Metrics of `vid` (the parent) and of its recent ancestors, newest first, for the CI gate."""
@@ -933,7 +934,11 @@ class RoundRunner:
             "round_counters": dict(m.counters) if m is not None else {},
             "commits_refused": self.commits_refused,
             "records_refused": self.records_refused,
-            "exclusions": {"this_round": m.exclusions if m is not None else {}, "recent": self.exclusions[-10:]},
+            "exclusions": {
+                "this_round": m.exclusions if m is not None else {},
+                "recent": self.exclusions[-10:],
+                "offences": m.offences() if m is not None else {},  # recent, per peer: weight halved, then left out
+            },
             "history": self.history[-10:],
             "current_round_times": self.times.as_dict() if self.times is not None else None,
         }

@@ -144,6 +144,11 @@ class RoundConfig:
     # Screening (with >= 3 deltas, where the median is honest while most peers are):
     max_norm_ratio: float = 4.0  # a delta whose norm exceeds this x the round's median is left out
     max_weight_ratio: float = 2.0  # a delta's merge weight is capped at this x the median samples
+    # Repeat offenders (a delta rejected at fetch, a norm outlier, screened out by the merge):
+    # one offence in the last `offence_window` rounds halves a peer's weight in our proposals,
+    # `cooloff_offences` leave it out until the window has passed since its last offence.
+    offence_window: int = 8
+    cooloff_offences: int = 2
     method: str = "linear"  # merge method written into our proposals (p2pmodel.merge.METHODS)
     params: tuple[tuple[str, str | bool | int | float], ...] = ()  # its parameters
 
@@ -385,6 +390,7 @@ class RoundMachine:
         self._sync_asked: dict[str, int] = {}  # version id -> round
         self._last_commit: tuple[str, int, str, tuple[Vote, ...]] | None = None  # (base, round, id, votes)
         self._announced_rounds: set[int] = set()  # rounds ahead of ours we already announced for
+        self._offences: dict[str, list[int]] = {}  # peer -> rounds in which it offended (recent ones)
         self.counters: dict[str, int] = {k: 0 for k in _COUNTERS}
         self._now = float("-inf")  # latest event time: next_deadline only returns later times
 
@@ -525,6 +531,7 @@ class RoundMachine:
             for peer, ann in v.deltas.items():
                 if ann.delta_hash == ev.delta_hash:
                     v.excluded[peer] = ev.reason
+                    self._offend(peer, v.round)
 
     def _on_MergeDone(self, ev: MergeDone, out: list[Action]) -> None:
         v = self._view
@@ -533,6 +540,8 @@ class RoundMachine:
             self._count("stale_results")
             return
         v.computed[ev.version_id] = ev.proposal_hash
+        for peer in ev.screened:
+            self._offend(peer, v.round)
         if self._merge_settles_sync(ev.proposal_hash, ev.version_id, out):
             return
         if ev.proposal_hash != v.candidate or v.vote is not None or self.phase is not Phase.MERGING:
@@ -1028,12 +1037,41 @@ class RoundMachine:
         for p, a in fetched:
             why = self._norm_outlier(a.delta_hash)
             if why:
+                self._offend(p, v.round)
+            else:
+                n = self._recent_offences(p, v.round)
+                if n >= self.config.cooloff_offences:
+                    why = f"cooling off: {n} offences in the last {self.config.offence_window} rounds"
+            if why:
                 v.excluded[p] = why
                 self._count("excluded_deltas")
             else:
                 kept.append((p, a))
         cap = _weight_cap([float(a.samples) for _, a in kept], self.config.max_weight_ratio)
-        return tuple(ProposalDelta(p, a.delta_hash, min(float(a.samples), cap)) for p, a in kept)
+        return tuple(
+            ProposalDelta(p, a.delta_hash, min(float(a.samples), cap) / (2.0 if self._recent_offences(p, v.round) else 1.0))
+            for p, a in kept
+        )
+
+    def _offend(self, peer: str, round_: int) -> None:
+        """Note an offence (once per round); forget offences older than the window."""
+        rounds = self._offences.setdefault(peer, [])
+        if round_ not in rounds:
+            rounds.append(round_)
+        del rounds[: max(0, len(rounds) - 4 * self.config.cooloff_offences)]
+        if len(self._offences) > self.config.max_members:  # bounded: drop the stalest offender
+            stalest = min(self._offences, key=lambda k: max(self._offences[k], default=-1))
+            del self._offences[stalest]
+
+    def _recent_offences(self, peer: str, round_: int) -> int:
+        return sum(1 for r in self._offences.get(peer, ()) if round_ - self.config.offence_window < r <= round_)
+
+    def offences(self, round_: int | None = None) -> dict[str, int]:
+        """Peers with offences in the last `offence_window` rounds, and how many (for status pages)."""
+        r = self.round if round_ is None else round_
+        if r is None:
+            return {}
+        return {p: n for p in self._offences if (n := self._recent_offences(p, r))}
 
     @property
     def exclusions(self) -> dict[str, str]:

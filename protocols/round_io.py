@@ -75,6 +75,7 @@ class MergeDone:
     proposal_hash: str
     version_id: str
     metrics: dict[str, float] = field(default_factory=dict)
+    screened: tuple[str, ...] = ()  # peers whose listed delta the merge's screen left out
 
 
 @dataclass(frozen=True)

@@ -737,3 +737,47 @@ def test_with_too_few_norms_for_a_median_our_own_delta_bounds_the_others():
     prop = proposal(liar, deltas=[ProposalDelta(p, delta_hash(p), 10.0) for p in sorted([me, liar])])
     acts = m.process(MessageReceived(31.0, prop, liar))
     assert not of(acts, Merge) and m.counters["screened_proposal"] == 1
+
+
+def _deliver_all(m: RoundMachine, me: str, round_: int, base: str, bad: str = "", now: float = 0.0) -> None:
+    """Every member of round `round_` announces and delivers; `bad`'s delta is rejected at fetch."""
+    for pid in IDS[:4]:
+        if pid == me:
+            continue
+        m.process(announce(pid, round_, now + 1.0))
+        for a in of(m.process(delta_ann(pid, base, round_, now + 2.0)), FetchDelta):
+            m.process(DeltaFetched(now + 3.0, a.delta_hash, pid != bad, reason="non-finite values" if pid == bad else ""))
+    m.process(TrainingDone(now + 4.0, delta_hash(me), 10, 100))
+
+
+def _propose_and_commit(m: RoundMachine, me: str, t: float, screened: tuple[str, ...] = ()) -> tuple[Proposal, str]:
+    """We propose at our slot, merge (the merge's screen leaving out `screened`), and commit."""
+    acts = m.process(Tick(t))
+    (prop,) = [a.message for a in of(acts, Publish) if isinstance(a.message, Proposal)]
+    (merge,) = of(acts, Merge)
+    version = hashlib.sha256(f"v{prop.round}".encode()).hexdigest()
+    m.process(MergeDone(t + 1.0, merge.proposal_hash, version, screened=screened))
+    for voter in [p for p in IDS[:4] if p != me][:2]:
+        m.process(MessageReceived(t + 2.0, vote(voter, prop, version), voter))
+    assert m.round == prop.round + 1, "the round committed"
+    return prop, version
+
+
+def test_a_repeat_offender_is_down_weighted_then_left_out_to_cool_off():
+    me, liar = ORDER[0], ORDER[2]
+    m = machine(me)
+    # round R: the liar's delta does not decode (offence 1); we propose without it
+    _deliver_all(m, me, R, BASE, bad=liar)
+    prop, head = _propose_and_commit(m, me, 31.0)
+    assert liar not in [d.peer_id for d in prop.deltas] and m.offences() == {liar: 1}
+    # round R+1: its delta is fine, its weight halved; the merge's screen leaves it out (offence 2)
+    _deliver_all(m, me, R + 1, head, now=40.0)
+    prop, head = _propose_and_commit(m, me, 33.0 + 55.0, screened=(liar,))  # round R+1 began at 33
+    weights = {d.peer_id: d.weight for d in prop.deltas}
+    assert weights[liar] == 5.0 and {w for p, w in weights.items() if p != liar} == {10.0}
+    assert m.offences() == {liar: 2}
+    # round R+2: two offences in the window: left out, with the reason, until they age out
+    _deliver_all(m, me, R + 2, head, now=95.0)
+    prop, _ = _propose_and_commit(m, me, 90.0 + 55.0)  # round R+2 began at 90
+    assert liar not in [d.peer_id for d in prop.deltas]
+    assert m.counters["excluded_deltas"] >= 1
