@@ -6,6 +6,8 @@ Map of the core (this package imports neither `p2pmodel.protocols` nor `p2pmodel
 - `merge/`     — merge methods registered by name, and the streaming merge engine.
 - `tasks/`     — training-task plugins (`charlm` built in, Hugging Face causal LM adapter).
 - `training.py`— the inner loop and DiLoCo's outer step.
+- `versioning.py`, `screening.py`, `ci.py` — the version a round commits, the deltas its merge
+  leaves out, and the CI gate (pure functions every peer runs the same).
 - `checkpoint.py` — reading and writing checkpoints (safetensors files and folders).
 - `cli/`       — the `p2pmodel` command line (porcelain over everything).
 
