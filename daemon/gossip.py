@@ -425,11 +425,13 @@ class Gossip:
                 q.task = asyncio.create_task(self._drain(peer, q), name=f"gossip {peer[-8:]}")
         return len(peers)
 
-    async def push_now(self, envelopes: Sequence[bytes], targets: Iterable[str]) -> int:
-        """Send `envelopes` to `targets` at once, bypassing the queues; returns how many peers took them."""
+    async def push_now(self, envelopes: Sequence[bytes], targets: Iterable[str]) -> list[str]:
+        """Send `envelopes` to `targets` at once, bypassing the queues; returns the peers that did not take them."""
+        if self._closed:
+            return [p for p in targets if p and p != self._me]
         peers = [p for p in dict.fromkeys(targets) if p and p != self._me]
         results = await asyncio.gather(*(self._send(p, list(envelopes)) for p in peers))
-        return sum(results)
+        return [p for p, ok in zip(peers, results) if not ok]
 
     async def _drain(self, peer: str, q: _PeerQueue) -> None:
         """Send `q`'s records to `peer` in frames until the queue is empty (or every record expired)."""
