@@ -118,6 +118,32 @@ def test_verify_exits_nonzero_naming_a_corrupted_object(scratch):
     assert oid in proc.stderr and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_verify_repair_from_another_repository_restores_corrupt_and_missing_objects(capsys, repo, scratch):
+    store = LineageStore.open(scratch)
+    v = store.get_version("main")
+    corrupt, missing = v.tensors["layer.weight"].oid, v.tensors["emb.weight"].oid
+    store.close()
+    path = Path(scratch) / "objects" / corrupt[:2] / corrupt[2:]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    (Path(scratch) / "objects" / missing[:2] / missing[2:]).unlink()
+    code, out, _ = call(capsys, "verify", "--json", "--repair-from", str(repo), repo=scratch)
+    report = json.loads(out)
+    assert code == 0 and report["ok"] and sorted(report["repaired"]) == sorted([corrupt, missing])
+    code, out, _ = call(capsys, "verify", repo=scratch)
+    assert code == 0 and out.strip().endswith("ok")
+
+
+def test_verify_repair_from_a_repository_without_the_objects_still_fails(capsys, scratch, tmp_path):
+    empty = tmp_path / "empty"
+    assert call(capsys, "init", repo=empty)[0] == 0
+    oid = LineageStore.open(scratch).get_version("main").tensors["layer.weight"].oid
+    (Path(scratch) / "objects" / oid[:2] / oid[2:]).unlink()
+    code, out, err = call(capsys, "verify", "--repair-from", str(empty), repo=scratch)
+    assert code == 1 and oid in err and "repaired" not in out
+
+
 # ----------------------------------------------------------------------------- in-process
 
 

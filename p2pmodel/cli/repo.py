@@ -25,7 +25,8 @@ ids are full 64-hex strings, shapes are lists of ints, bytes are ints:
   "relative_change", "changed_entries", "compared_entries", "changed_fraction"},
   "files": {name: status}}`; non-finite floats appear as the strings "inf"/"nan".
 - `verify --json`: `{"ok", "objects_checked", "bytes_checked", "versions_checked",
-  "unreferenced_objects", "stray_temp_files", "problems": [{"oid", "kind", "versions", "detail"}]}`.
+  "unreferenced_objects", "stray_temp_files", "problems": [{"oid", "kind", "versions", "detail"}]}`;
+  with `--repair-from REPO...` also `"repaired": [oid]` (the checks are those after repairing).
 - `gc --json`: `{"removed_objects", "bytes_freed", "removed_versions", "removed_temp_files",
   "kept_objects"}`.
 
@@ -144,6 +145,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = add("verify", cmd_verify, "check every object and record; exit 1 if anything is damaged")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--repair-from", nargs="+", metavar="REPO", default=[],
+                   help="restore missing or corrupt objects from intact copies in these repositories (e.g. another node's HOME/lineage)")
 
     p = add("gc", cmd_gc, "delete objects no branch or tag reaches; report bytes freed")
     p.add_argument("--json", action="store_true")
@@ -643,11 +646,26 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    repaired: list[str] = []
     with _open(args) as store:
-        report = store.verify()
+        if args.repair_from:
+            sources = [LineageStore.open(path) for path in args.repair_from]
+            try:
+                result = store.repair(sources)
+            finally:
+                for src in sources:
+                    src.close()
+            repaired, report = result.repaired, result.after
+            if not args.json:
+                for oid in repaired:
+                    print(f"repaired: {oid}")
+        else:
+            report = store.verify()
     if args.json:
         d = dataclasses.asdict(report)
         d["ok"] = report.ok
+        if args.repair_from:
+            d["repaired"] = repaired
         _print_json(d)
         return 0 if report.ok else 1
     for p in report.problems:

@@ -24,7 +24,7 @@ from p2pmodel.lineage.objects import (
     tensor_oid,
 )
 from p2pmodel.lineage.refs import AmbiguousRef, InvalidRefName, RefConflict, RefError, RefNotFound
-from p2pmodel.lineage.maintenance import GcRefused, GcReport, Problem, VerifyReport
+from p2pmodel.lineage.maintenance import GcRefused, GcReport, Problem, RepairReport, VerifyReport
 from p2pmodel.lineage.store import LineageStore, ObjectCorrupt, ObjectMissing, RepositoryExists, RepositoryNotFound
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "RefConflict",
     "RefError",
     "RefNotFound",
+    "RepairReport",
     "RepositoryExists",
     "RepositoryNotFound",
     "TensorEntry",

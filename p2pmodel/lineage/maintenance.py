@@ -6,6 +6,11 @@ dtype and shape, and that the index agrees with the records. It reports each pro
 (object, kind, versions affected). Leftovers of interrupted writes (temp files, objects no
 version refers to) are counted, not reported as problems: they are what a kill -9 leaves.
 
+`repair` (verify --repair-from) copies intact copies of missing or corrupt objects from other
+repositories (another node's home, a backup): objects are content-addressed, so any copy
+that hashes to its id is the right one, whoever holds it. A running node does the same from
+its peers when a read fails (sync refetches, and the write replaces the damaged file).
+
 `gc` deletes objects that no ref reaches. It first reads every reachable record (refusing
 to run if one is damaged, since it could not know what that record needs), holds the
 store's lock exclusively so no write is in flight, un-indexes unreachable versions, and
@@ -24,7 +29,7 @@ from p2pmodel.lineage.objects import _HEX64, InvalidObject, LineageError, Versio
 if TYPE_CHECKING:
     from p2pmodel.lineage.store import LineageStore
 
-__all__ = ["verify", "gc", "iter_object_files", "Problem", "VerifyReport", "GcReport", "GcRefused"]
+__all__ = ["verify", "repair", "gc", "iter_object_files", "Problem", "VerifyReport", "RepairReport", "GcReport", "GcRefused"]
 
 _TMP_PREFIX = ".tmp-"
 
@@ -175,6 +180,38 @@ def verify(store: "LineageStore") -> VerifyReport:
     report.problems = [
         Problem(oid, kind, tuple(sorted(vs)), detail or "see above") for (oid, kind), (vs, detail) in sorted(problems.items())
     ]
+    return report
+
+
+@dataclass
+class RepairReport:
+    """What `repair` restored, and what `verify` still finds afterwards."""
+
+    repaired: list[str] = field(default_factory=list)  # object ids written from a source
+    after: VerifyReport = field(default_factory=VerifyReport)
+
+
+def repair(store: "LineageStore", sources: "list[LineageStore]") -> RepairReport:
+    """Restore every missing or corrupt object that an intact copy in `sources` can replace.
+
+    Index problems and foreign files are left for the user (they are not objects a copy can
+    restore); `report.after` lists what remains.
+    """
+    report = RepairReport()
+    for problem in store.verify().problems:
+        if problem.kind not in ("missing", "corrupt") or not _HEX64.fullmatch(problem.oid):
+            continue
+        for source in sources:
+            if not source.has_intact_object(problem.oid):
+                continue
+            try:
+                data = source.read_object(problem.oid)  # verified against its id on read
+                store.write_object(problem.oid, data)  # ... and again on write
+            except LineageError:
+                continue  # that copy changed under us: try the next source
+            report.repaired.append(problem.oid)
+            break
+    report.after = store.verify()
     return report
 
 

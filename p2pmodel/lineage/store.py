@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 
 from p2pmodel.lineage.index import ANY, Index, VersionInfo
-from p2pmodel.lineage.maintenance import GcReport, VerifyReport, gc, verify
+from p2pmodel.lineage.maintenance import GcReport, RepairReport, VerifyReport, gc, repair, verify
 from p2pmodel.lineage.objects import (
     _HEX64,
     Annotations,
@@ -580,6 +580,10 @@ class LineageStore:
     def verify(self) -> VerifyReport:
         """Check every object, record and index entry; see maintenance.verify."""
         return verify(self)
+
+    def repair(self, sources: "list[LineageStore]") -> RepairReport:
+        """Restore missing or corrupt objects from intact copies in `sources`; see maintenance.repair."""
+        return repair(self, sources)
 
     def gc(self, grace_s: float = 0.0) -> GcReport:
         """Remove what no ref reaches (objects younger than `grace_s` seconds are kept); see maintenance.gc."""
