@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from p2pmodel.daemon.disk import DiskWatch
 from p2pmodel.daemon.gossip import Gossip
 from p2pmodel.daemon.logs import Progress, get_logger
 from p2pmodel.daemon.sync import CertifiedVersion, SyncError, commit_signers, sync_version, verify_by_chain, verify_commit
@@ -92,6 +93,8 @@ POLL_MAX = 60.0  # each read that finds nothing new doubles the interval, up to 
 POLL_HEAD_EVERY = 60.0  # seconds between reads of the head key and the next round's members
 POLL_BEFORE_DEADLINE = 2.0  # the round's keys are read this long before each machine deadline
 POLL_TICK = 0.5  # seconds between checks of the above
+DISK_CHECK_EVERY = 5.0  # seconds between free-space checks (daemon/disk.py)
+DISK_MIN_FREE = 64 * 1024 * 1024  # bytes kept free besides three model copies (a version, deltas, a sync)
 HEAD_TTL = 24 * 3600.0  # seconds a published Commit stays in the DHT
 
 
@@ -188,6 +191,8 @@ class RoundRunner:
         self.feedback = self.codec.feedback()
         self.outer = OuterOptimizer(lr=event.outer_lr, momentum=event.outer_momentum)
         self.screen = DeltaScreen(min_cosine=event.screen_min_cosine, max_norm_ratio=event.screen_max_norm_ratio)
+        model_bytes = sum(e.nbytes for e in store.get_version(head).tensors.values())
+        self.disk = DiskWatch(store.root, DISK_MIN_FREE + 3 * model_bytes)
         self.gate = CIGate(
             max_regression=event.ci_max_regression, max_regression_best=event.ci_max_regression_best, window=event.ci_window
         )
@@ -424,6 +429,8 @@ class RoundRunner:
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
+            if self.disk.on_error(task.exception()):
+                self.trainer.finish_early()
             self.record_error(f"{task.get_name()} failed: {task.exception()!r}")
 
     def _post(self, event) -> None:
@@ -495,8 +502,12 @@ class RoundRunner:
         key and the next round's members every POLL_HEAD_EVERY seconds, or soon after a record
         showed a head newer than ours. On exit, queued pushes get 2 s to go out."""
         poll = self._delivery
+        next_disk_check = 0.0
         try:
             while True:
+                if time.monotonic() >= next_disk_check:
+                    next_disk_check = time.monotonic() + DISK_CHECK_EVERY
+                    self._check_disk()
                 machine = self.machine
                 r = machine.round if machine is not None else None
                 now = time.monotonic()
@@ -524,6 +535,15 @@ class RoundRunner:
                 await asyncio.sleep(POLL_TICK)
         finally:
             await self._gossip.close(timeout=2.0)
+
+    def _check_disk(self) -> None:
+        if not self.disk.check():
+            return
+        if self.disk.full:
+            self.record_error(f"disk full under {self.store.root}: {self.disk.reason}; training paused until space returns")
+            self.trainer.finish_early()
+        else:
+            logger.warning("disk has room again; training resumes", free_bytes=self.disk.free)
 
     async def _read_keys(self, keys: list[str]) -> int:
         """Read `keys` in one DHT search and receive their records; returns how many were new."""
@@ -626,6 +646,8 @@ class RoundRunner:
         logger.info("entered round", round=a.round, base=a.base_version[:12])
 
     async def _train(self, a: rm.StartTraining) -> None:
+        while self.disk.full:  # a full disk stops training; the round goes on without our delta
+            await asyncio.sleep(POLL_TICK)
         base = await asyncio.to_thread(self.store.state_dict, a.base_version)
         start, kept_samples = base, 0
         if self._kept is not None:
@@ -773,7 +795,9 @@ class RoundRunner:
             metrics = await self.trainer.evaluate(params)
             parent, recent = await self._recent_metrics(a.proposal.base_version)
             report = await asyncio.to_thread(run_gate, self.gate, metrics, parent=parent, recent=recent, params=params)
-        except (ValueError, P2PModelError) as e:  # codec, lineage, merge and training errors derive from it
+        except (ValueError, P2PModelError, OSError) as e:  # codec, lineage, merge and training errors derive from P2PModelError
+            if isinstance(e, OSError) and not self.disk.on_error(e):
+                raise
             self.record_error(f"round {a.proposal.round}: merge of proposal {a.proposal_hash[:12]} failed: {e}")
             self._post(rm.MergeFailed(time.time(), a.proposal_hash, str(e)[:200]))
             return
@@ -954,6 +978,7 @@ class RoundRunner:
             "commits_refused": self.commits_refused,
             "records_refused": self.records_refused,
             "gossip": {**self._gossip.stats(), "dht_stores_skipped": self._delivery.dht_stores_skipped},
+            "disk": self.disk.status(),
             "exclusions": {
                 "this_round": m.exclusions if m is not None else {},
                 "recent": self.exclusions[-10:],
