@@ -2,9 +2,11 @@
 
 - `StatusServer` answers `GET /status` with the node's state as JSON, `GET /metrics` with the
   same state as Prometheus metrics (`metrics.py`), and `GET /healthz` with `ok`, on 127.0.0.1
-  only. It is a tiny HTTP/1.1 server on asyncio streams: one request per connection, bounded
-  header size and read time.
-- `fetch_status(url)` reads it (blocking; for the CLI), `format_status(state)` renders it.
+  only. Given the node's lineage it also serves the dashboard (`/dashboard/`) and its JSON API
+  (`/api/...`, `lineage_api.py`). It is a tiny HTTP/1.1 server on asyncio streams: one request
+  per connection, bounded header size and read time.
+- `fetch_status(url)` reads it (blocking; for the CLI), `format_status(state)` renders it;
+  `status_url_from_home(home)` finds a running node's URL in `HOME/node.json`.
 - `LagMonitor` measures how late the event loop wakes up from a short sleep; its worst value is
   part of the status, so a stalled loop (heavy work left on it) shows up immediately.
 """
@@ -16,23 +18,45 @@ import json
 import math
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
-from typing import Any, Callable
+from http import HTTPStatus
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CollectorRegistry
 
+from p2pmodel.daemon.lineage_api import ApiReply, LineageApi, dashboard_file
 from p2pmodel.daemon.logs import get_logger
 from p2pmodel.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2pmodel.daemon.metrics import render_metrics, status_registry
-from p2pmodel.errors import P2PModelError
+from p2pmodel.errors import P2PModelError, UsageError
 
-__all__ = ["StatusServer", "LagMonitor", "StatusUnavailable", "fetch_status", "format_status"]
+if TYPE_CHECKING:
+    from p2pmodel.lineage import LineageStore
+
+__all__ = [
+    "LagMonitor",
+    "StatusServer",
+    "StatusUnavailable",
+    "dashboard_url",
+    "fetch_status",
+    "format_status",
+    "status_url_from_home",
+]
 
 logger = get_logger(__name__)
 
 _MAX_HEADER = 8 * 1024  # bytes of request line + headers we read
 _READ_TIMEOUT = 5.0  # seconds a client has to send its request
+# The dashboard's page and API answer only requests addressed to loopback by name: a web page
+# elsewhere that rebinds its DNS name to 127.0.0.1 sends its own Host and is refused.
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+_PAGE_HEADERS = (
+    "Content-Security-Policy: default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:\r\n"
+    "X-Content-Type-Options: nosniff\r\nCache-Control: no-cache\r\n"
+)
 
 
 class StatusUnavailable(P2PModelError):
@@ -86,22 +110,40 @@ class LagMonitor:
 
 
 class StatusServer:
-    """HTTP status endpoint on 127.0.0.1:`port`. `state()` is called per request, on the loop."""
+    """HTTP status endpoint on 127.0.0.1:`port`. `state()` is called per request, on the loop.
 
-    def __init__(self, state: Callable[[], dict[str, Any]], port: int = 0, host: str = "127.0.0.1"):
+    `lineage` (the node's store) backs `/api/*`; without it those answer 503 and the dashboard
+    shows the status alone. API calls run in a thread: they read SQLite and object files.
+    """
+
+    def __init__(
+        self,
+        state: Callable[[], dict[str, Any]],
+        port: int = 0,
+        host: str = "127.0.0.1",
+        lineage: LineageStore | None = None,
+    ):
         self._state = state
         self._host, self._port = host, port
         self._server: asyncio.base_events.Server | None = None
         self._metrics: CollectorRegistry = status_registry(state)  # this server's own, never the global one
+        self._api = LineageApi(lineage)
 
     @classmethod
-    async def create(cls, state: Callable[[], dict[str, Any]], port: int = 0) -> "StatusServer":
+    async def create(
+        cls, state: Callable[[], dict[str, Any]], port: int = 0, lineage: LineageStore | None = None
+    ) -> StatusServer:
         """Start listening; `port=0` picks a free port (see `.port`).
+
+        Args:
+            state: returns the node's status dict (called on the loop, per request).
+            port: TCP port on 127.0.0.1; 0 picks a free one.
+            lineage: the node's lineage, read by the dashboard's API (None: API answers 503).
 
         Raises:
             StatusUnavailable: the port is taken.
         """
-        self = cls(state, port)
+        self = cls(state, port, lineage=lineage)
         try:
             self._server = await asyncio.start_server(self._handle, self._host, port)
         except OSError as e:
@@ -117,6 +159,10 @@ class StatusServer:
     def url(self) -> str:
         return f"http://{self._host}:{self._port}/status"
 
+    @property
+    def dashboard_url(self) -> str:
+        return dashboard_url(self.url)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
@@ -124,8 +170,18 @@ class StatusServer:
                 return await self._reply(writer, 431, "text/plain", b"request header too large\n")
             parts = head.split(b"\r\n", 1)[0].split()
             if len(parts) != 3 or parts[0] != b"GET":
+                if len(parts) == 3 and parts[1].startswith(b"/api/"):
+                    return await self._reply_json(writer, ApiReply.error(405, "only GET is supported"))
                 return await self._reply(writer, 405, "text/plain", b"only GET is supported\n")
-            path = parts[1].split(b"?", 1)[0]
+            target = parts[1]
+            path = target.split(b"?", 1)[0]
+            if path.startswith((b"/api/", b"/dashboard")):
+                if not _addressed_to_loopback(head):
+                    return await self._reply_json(writer, ApiReply.error(403, "the dashboard answers only 127.0.0.1 or localhost"))
+                if path.startswith(b"/api/"):
+                    reply = await asyncio.to_thread(self._api.handle, target.decode("ascii", "replace"))
+                    return await self._reply_json(writer, reply)
+                return await self._reply_page(writer, path)
             if path == b"/healthz":
                 return await self._reply(writer, 200, "text/plain", b"ok\n")
             if path in (b"/", b"/status"):
@@ -133,18 +189,33 @@ class StatusServer:
                 return await self._reply(writer, 200, "application/json", body)
             if path == b"/metrics":
                 return await self._reply(writer, 200, METRICS_CONTENT_TYPE, render_metrics(self._metrics))
-            await self._reply(writer, 404, "text/plain", b"not found; try /status or /metrics\n")
+            await self._reply(writer, 404, "text/plain", b"not found; try /status, /metrics or /dashboard/\n")
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # a slow, broken or oversized request: just close
         finally:
             writer.close()
 
+    async def _reply_page(self, writer: asyncio.StreamWriter, path: bytes) -> None:
+        """A dashboard file, looked up by name in a fixed table (never a file system path)."""
+        if path == b"/dashboard":  # relative links need the trailing slash
+            return await self._reply(writer, 308, "text/plain", b"", extra="Location: /dashboard/\r\n")
+        found = None
+        if path.startswith(b"/dashboard/"):
+            found = dashboard_file(path[len(b"/dashboard/"):].decode("ascii", "replace"))
+        if found is None:
+            return await self._reply(writer, 404, "text/plain", b"not found\n")
+        body, ctype = found
+        await self._reply(writer, 200, ctype, body, extra=_PAGE_HEADERS)
+
+    async def _reply_json(self, writer: asyncio.StreamWriter, reply: ApiReply) -> None:
+        await self._reply(writer, reply.status, reply.content_type, reply.body, extra="Cache-Control: no-store\r\n")
+
     @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, code: int, ctype: str, body: bytes) -> None:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large"}[code]
+    async def _reply(writer: asyncio.StreamWriter, code: int, ctype: str, body: bytes, extra: str = "") -> None:
+        reason = HTTPStatus(code).phrase
         writer.write(
             f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n".encode()
+            f"{extra}Connection: close\r\n\r\n".encode()
             + body
         )
         await writer.drain()
@@ -154,6 +225,20 @@ class StatusServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+
+
+def _addressed_to_loopback(head: bytes) -> bool:
+    """Whether the request's Host header names loopback (any port); no Host header is refused."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"host":
+            host = value.strip().decode("ascii", "replace")
+            if host.startswith("["):
+                host = host.split("]", 1)[0] + "]"
+            else:
+                host = host.split(":", 1)[0]
+            return host.lower() in _LOCAL_HOSTS
+    return False
 
 
 def _jsonable(value: Any) -> Any:
@@ -178,6 +263,25 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
             return json.loads(response.read())
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise StatusUnavailable(url, str(getattr(e, "reason", e))) from None
+
+
+def status_url_from_home(home: str | Path) -> str:
+    """The status URL a running node wrote to `HOME/node.json`.
+
+    Raises:
+        UsageError: no readable node.json there (no node has run with that home).
+    """
+    info = Path(home).expanduser() / "node.json"
+    try:
+        return str(json.loads(info.read_text())["status_url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"no node.json in {info.parent}; pass --url or the node's --home") from None
+
+
+def dashboard_url(status_url: str) -> str:
+    """The dashboard's URL on the node whose status URL is `status_url`."""
+    parts = urllib.parse.urlsplit(status_url)
+    return urllib.parse.urlunsplit((parts.scheme or "http", parts.netloc, "/dashboard/", "", ""))
 
 
 def _fmt_bytes(n: float) -> str:

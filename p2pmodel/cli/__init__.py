@@ -7,6 +7,7 @@ Each module here registers a group of subcommands:
 - `seed.py`   — seed (found an event: seed version + manifest)
 - `swarm.py`  — join, status, demo
 - `ci.py`     — ci (the CI gate, offline)
+- `dashboard.py` — dashboard (open a running node's web dashboard)
 
 A subcommand module exposes `register(subparsers)`; each parser sets `func=handler`, where
 `handler(args) -> int` returns the exit code. Errors derived from `P2PModelError` become one
@@ -25,7 +26,7 @@ from p2pmodel.errors import P2PModelError
 
 __all__ = ["main", "build_parser"]
 
-_COMMAND_MODULES = ("repo", "merge", "seed", "swarm", "ci")
+_COMMAND_MODULES = ("repo", "merge", "seed", "swarm", "ci", "dashboard")
 
 
 def build_parser() -> argparse.ArgumentParser:
