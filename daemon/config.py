@@ -1,7 +1,9 @@
 """The node's configuration: one frozen object per concern, CLI flags generated from the fields.
 
 - `NodeConfig`  — what is local to one volunteer's machine (where it listens, its home folder,
-  device, status port). Every field becomes a `p2pmodel join` flag with the field's help text.
+  device, status port). Every field becomes a `p2pmodel join` flag with the field's help text;
+  `check_node_config` rejects values that cannot work (a log level, a port, a device that is
+  not there) with one line naming the flag, before the node touches anything.
 - `EventConfig` — what every peer of one swarm must agree on (task, round length, merge method,
   outer optimizer, codec). It comes from the event manifest (`--event FILE`: TOML as
   `p2pmodel seed` writes it, or JSON; either holds overrides of the defaults) and its hash
@@ -31,6 +33,9 @@ from p2pmodel.errors import UsageError
 __all__ = [
     "NodeConfig",
     "EventConfig",
+    "DEFAULT_STATUS_PORT",
+    "LOG_LEVELS",
+    "check_node_config",
     "ConfigError",
     "add_node_flags",
     "node_config_from_args",
@@ -58,6 +63,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+DEFAULT_STATUS_PORT = 7271  # taken (a second node on this machine): the node picks a free one
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Settings of one node (one volunteer's machine). Safe defaults: loopback only."""
@@ -69,7 +78,8 @@ class NodeConfig:
     device: str = _f("auto", "training device: auto (cuda when present), cpu or cuda[:N]")
     host_maddrs: tuple[str, ...] = _f(("/ip4/127.0.0.1/tcp/0",), "multiaddrs p2pd listens on (loopback by default)")
     announce_maddrs: tuple[str, ...] = _f((), "multiaddrs to advertise to others (explicit ports)")
-    status_port: int = _f(7271, "port of the local HTTP status API on 127.0.0.1 (0: any free port)")
+    status_port: int = _f(DEFAULT_STATUS_PORT, "port of the local HTTP status API on 127.0.0.1 (0: any free port; "
+                          "the default, when taken, is replaced by a free one)")
     log_level: str = _f("INFO", "log level: DEBUG, INFO, WARNING or ERROR")
     cpu_threads: int = _f(0, "torch threads for CPU training (0: all cores but one)")
     max_rounds: int = _f(0, "leave after this many rounds have committed since start (0: run until stopped)")
@@ -296,9 +306,55 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
-    """The NodeConfig the parsed flags describe."""
+    """The NodeConfig the parsed flags describe, checked (`check_node_config`).
+
+    Raises:
+        ConfigError: a flag's value cannot work; `source` is the flag.
+    """
     values = {}
     for f in fields(NodeConfig):
         v = getattr(args, f.name)
         values[f.name] = tuple(v) if isinstance(f.default, tuple) else v
-    return NodeConfig(**values)
+    values["log_level"] = str(values["log_level"]).upper()  # `--log-level debug` works too
+    return check_node_config(NodeConfig(**values))
+
+
+def check_node_config(config: NodeConfig) -> NodeConfig:
+    """Return `config` if it can run on this machine, else raise ConfigError naming the flag.
+
+    Checked: the log level, the status port's range, numbers that cannot be negative, and the
+    device (`cuda` needs a CUDA build of torch and a GPU; `cuda:N` needs N+1 GPUs). torch is
+    imported only for a device other than cpu.
+    """
+    rules: list[tuple[str, bool, str]] = [  # (flag, valid, what a valid value is)
+        ("--log-level", config.log_level.upper() in LOG_LEVELS,
+         f"must be one of {', '.join(LOG_LEVELS)} (any case), not {config.log_level!r}"),
+        ("--status-port", 0 <= config.status_port <= 65535, f"must be a port in 0-65535 (0: any free port), not {config.status_port}"),
+        ("--cpu-threads", config.cpu_threads >= 0, "must be >= 0 (0: all cores but one)"),
+        ("--max-rounds", config.max_rounds >= 0, "must be >= 0 (0: run until stopped)"),
+        ("--shutdown-timeout", config.shutdown_timeout > 0 and math.isfinite(config.shutdown_timeout), "must be a positive number of seconds"),
+    ]  # fmt: skip
+    for flag, ok, reason in rules:
+        if not ok:
+            raise ConfigError(flag, reason)
+    _check_device(config.device)
+    return config
+
+
+def _check_device(device: str) -> None:
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError("--device", f"not a device: {device!r} (auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError("--device", f"{device}: {why}; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError("--device", f"{device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ConfigError("--device", f"{device}: unsupported device type {dev.type!r} (auto, cpu, cuda or cuda:N)")

@@ -4,11 +4,14 @@ supervisor, and shuts down in a fixed order.
 Opening order (`Node.create`), closed in reverse by `shutdown`:
 
 1. home folder: the Ed25519 identity (`identity.pem`), the libp2p key (`libp2p.key`), the
-   event manifest the node joined (`event.json`), the lineage (`lineage/`);
+   lineage (`lineage/`); the event manifest the node joined (`event.json`) is written only
+   once everything below has opened, so a failed start leaves the home free for any event
+   (a lineage it created is removed again; the identity keys stay);
 2. the seed version: built from the task (deterministic, so every peer derives the same id
    without syncing) when the lineage has no `main` yet;
 3. the transport (DHT node + p2pd), serving lineage objects and this node's deltas;
-4. the trainer (worker thread) and the status API.
+4. the trainer (worker thread) and the status API (on the default port if free, else any
+   free port: two nodes on one machine do not collide).
 
 `run()` starts the loops (`rounds` — the `RoundRunner` driving `protocols.round`; `lag` — the
 loop-lag monitor) under one supervisor: a loop that returns or raises ends the node, and the
@@ -17,8 +20,9 @@ error is reported, never swallowed.
 Shutdown (SIGINT/SIGTERM or `stop()`), STYLE.md §5:
 
 1. stop accepting new work (the round runner enters no new round, training is asked to stop);
-2. finish or abandon the current round within `shutdown_timeout`, then publish a `Departure`;
+2. finish or abandon the current round, then publish a `Departure`;
 3. close resources in reverse order of opening (status API, trainer, transport, lineage);
+   steps 2-3 share one deadline, `shutdown_timeout` (p2pd is killed if it outlives it);
 4. gather the errors of those steps into one `NodeShutdownError`;
 5. cancel whatever is left.
 """
@@ -29,15 +33,23 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from p2pmodel.daemon.certificates import serve_certificates
-from p2pmodel.daemon.config import EventConfig, NodeConfig, event_from_mapping, load_event
+from p2pmodel.daemon.config import (
+    DEFAULT_STATUS_PORT,
+    EventConfig,
+    NodeConfig,
+    check_node_config,
+    event_from_mapping,
+    load_event,
+)
 from p2pmodel.daemon.logs import get_logger
-from p2pmodel.daemon.status import LagMonitor, StatusServer
+from p2pmodel.daemon.status import LagMonitor, StatusServer, StatusUnavailable
 from p2pmodel.daemon.trainer import Trainer
 from p2pmodel.daemon.transport import Transport
 from p2pmodel.errors import P2PModelError
@@ -101,7 +113,8 @@ def _load_node_event(config: NodeConfig, home: Path, peer_id: str) -> EventConfi
     """The event from --event, else the one this home joined before, else the default.
 
     `--seeder` fills the event's seeder; a node that founds a swarm (no --peers, no seeder)
-    becomes the seeder itself.
+    becomes the seeder itself. Writes nothing: `Node.create` records the event in the home
+    only once the node has started.
     """
     stored = home / "event.json"
     if config.event:
@@ -120,8 +133,6 @@ def _load_node_event(config: NodeConfig, home: Path, peer_id: str) -> EventConfi
         before = event_from_mapping(json.loads(stored.read_text()), source=str(stored))
         if before.event_hash() != event.event_hash():
             raise NodeError(f"{home} belongs to event {before.name} ({before.event_hash()[:12]}); use another --home")
-    else:
-        stored.write_text(event.to_json())
     return event
 
 
@@ -144,6 +155,7 @@ class Node:
         self.runner: Any = None  # RoundRunner, set in create()
         self._stopping = asyncio.Event()
         self._closers: list[tuple[str, Any]] = []  # (name, async-or-sync close) in opening order
+        self._close_deadline: float | None = None  # loop time by which shutdown must be done
 
     # ------------------------------------------------------------------------------ opening
 
@@ -153,20 +165,23 @@ class Node:
 
         Raises:
             NodeError / TransportError / ConfigError: something could not be opened; what was
-            opened before it is closed again.
+            opened before it is closed again, and the home keeps only its identity keys and
+            what it held before (nothing ties it to this event).
         """
-
+        check_node_config(config)  # a bad flag (`--device cuda` without CUDA) fails before any I/O
         self = cls(_created=True)
         self.config = config
+        home = config.home_path
+        new_lineage: Path | None = None
         try:
-            home = config.home_path
             home.mkdir(parents=True, exist_ok=True)
             self.identity = _load_identity(home / "identity.pem")
             self.event = _load_node_event(config, home, self.identity.peer_id)
             try:
                 self.store = LineageStore.open(home / "lineage")
             except RepositoryNotFound:
-                self.store = LineageStore.init(home / "lineage")
+                new_lineage = home / "lineage"
+                self.store = LineageStore.init(new_lineage)
             self._closers.append(("lineage", self.store.close))
             self.task = await asyncio.to_thread(load_task, self.event.task, **self.event.task_options)
             head = await asyncio.to_thread(seed_version, self.store, self.task, self.event)
@@ -180,7 +195,7 @@ class Node:
                 record_check=signed_by,  # DHT records are envelopes signed by their subkey
                 limits=_transport_limits(config),
             )
-            self._closers.append(("transport", self.transport.shutdown))
+            self._closers.append(("transport", lambda: self.transport.shutdown(self._time_left(5.0))))
             self.transport.add_source(self._serve_lineage_object, kind="lineage")
             await serve_certificates(self.transport, self.store)  # joiners check the chain with them
             self.trainer = Trainer(
@@ -205,13 +220,17 @@ class Node:
                 max_rounds=config.max_rounds,
                 shutdown_timeout=config.shutdown_timeout,
             )
-            self.status_server = await StatusServer.create(self.status, config.status_port)
+            self.status_server = await _open_status(self.status, config.status_port)
             self._closers.append(("status", self.status_server.close))
+            if not (home / "event.json").exists():
+                (home / "event.json").write_text(self.event.to_json())  # from now on, this home is this event's
             (home / "node.json").write_text(
                 json.dumps({"pid": os.getpid(), "status_url": self.status_server.url, "peer_id": self.identity.peer_id})
             )
         except BaseException:
             await self._close_resources()
+            if new_lineage is not None:  # it holds the seed of an event this home never joined
+                shutil.rmtree(new_lineage, ignore_errors=True)
             raise
         logger.info(
             "node ready",
@@ -291,19 +310,29 @@ class Node:
         if errors:
             raise NodeShutdownError(errors)
 
+    def _time_left(self, default: float) -> float:
+        """Seconds until the shutdown deadline (at least 0.5: a closer always gets a chance)."""
+        if self._close_deadline is None:
+            return default
+        return max(0.5, self._close_deadline - asyncio.get_running_loop().time())
+
     async def _shutdown(self, loops: dict[str, asyncio.Task], stop_wait: asyncio.Task) -> list[BaseException]:
         errors: list[BaseException] = []
-        # 2. finish or abandon the round, then say goodbye
+        self._close_deadline = asyncio.get_running_loop().time() + self.config.shutdown_timeout
+        # 2. finish or abandon the round, then say goodbye; the round gets most of the
+        # deadline, the goodbye and the closing of resources share what is left
         rounds = loops["rounds"]
         if not rounds.done():
             try:
-                await asyncio.wait_for(asyncio.shield(rounds), self.config.shutdown_timeout)
+                await asyncio.wait_for(asyncio.shield(rounds), 0.6 * self._time_left(0))
             except asyncio.TimeoutError:
                 rounds.cancel()
             except Exception:
                 pass  # reported by run() already
         try:
-            await asyncio.wait_for(self.runner.depart(), 5.0)
+            await asyncio.wait_for(self.runner.depart(), min(5.0, 0.5 * self._time_left(0)))
+        except asyncio.TimeoutError:  # our peers see us leave without it, only later
+            logger.warning("departure not published before the shutdown deadline")
         except Exception as e:  # a failed goodbye must not stop the closing of resources
             errors.append(e)
         # 3.-4. close in reverse order, gathering errors
@@ -327,7 +356,8 @@ class Node:
             try:
                 result = close()
                 if asyncio.iscoroutine(result):
-                    await asyncio.wait_for(result, 15.0)
+                    # each closer bounds itself by the deadline; this is the last resort
+                    await asyncio.wait_for(result, self._time_left(15.0) + 1.0)
             except Exception as e:
                 logger.warning("error while closing", resource=name, error=repr(e))
                 errors.append(e)
@@ -363,6 +393,19 @@ class Node:
         state.update(self.runner.status())
         return state
 
+
+
+async def _open_status(state: Any, port: int) -> StatusServer:
+    """The status API on `port`; when that is the default port and taken (another node on this
+    machine has it), on any free port instead: `node.json` and the join output name it."""
+    try:
+        return await StatusServer.create(state, port)
+    except StatusUnavailable as e:
+        if port != DEFAULT_STATUS_PORT:
+            raise NodeError(f"status port {port} is taken ({e.reason}); pass another --status-port, or 0 for any free port") from None
+    server = await StatusServer.create(state, 0)
+    logger.warning("default status port taken; using another", wanted=port, port=server.port)
+    return server
 
 
 def _transport_limits(config: NodeConfig):

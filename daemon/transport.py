@@ -797,14 +797,55 @@ class Transport:
 
     # ---------------------------------------------------------------------------------- lifecycle
 
-    async def shutdown(self) -> None:
-        """Stop serving and shut the DHT node and its p2pd down. Idempotent."""
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop serving and shut the DHT node and its p2pd down within about `timeout` seconds. Idempotent.
+
+        Ctrl-C reaches p2pd too (it is our child, in the terminal's process group), so p2pd is
+        often gone before we close. hivemind's `DHTNode.shutdown` would then ask the dead daemon
+        to remove its handlers and wait forever: its control connection never fails the calls
+        pending on it. So handlers are unregistered only while p2pd runs, under half the
+        timeout, and p2pd is then terminated, and killed if it lingers.
+        """
         if self._closed:
             return
         self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._node.is_alive = False  # ends hivemind's routing-table refresh loop
+        if self._p2pd_running():
+            try:
+                await asyncio.wait_for(self._unregister_handlers(), timeout / 2)
+            except (asyncio.TimeoutError, P2PDaemonError, ConnectionError, OSError) as e:
+                logger.debug("p2pd did not unregister our handlers; stopping it anyway", error=repr(e))
+        await self._stop_p2pd(max(0.5, deadline - loop.time()))
+
+    def _p2pd_running(self) -> bool:
+        child = self._p2p._child  # hivemind keeps the p2pd process private; pinned version
+        control = self._p2p._client.control if self._p2p._client is not None else None
+        connection_up = control is None or control._read_task is None or not control._read_task.done()
+        return child is not None and child.returncode is None and connection_up
+
+    async def _unregister_handlers(self) -> None:
         for protocol in sorted(self._handlers):
-            await self.remove_stream_handler(protocol)  # p2pd already gone: nothing left to unregister
-        await self._node.shutdown()
+            await self.remove_stream_handler(protocol)
+        await self._node.protocol.shutdown()  # the DHT's own RPC handlers
+
+    async def _stop_p2pd(self, timeout: float) -> None:
+        """SIGTERM p2pd (hivemind's `P2P.shutdown`), SIGKILL it after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._p2p.shutdown(), timeout)
+        except asyncio.TimeoutError:
+            child = self._p2p._child
+            if child is not None and child.returncode is None:
+                logger.warning("p2pd ignored SIGTERM; killing it", pid=child.pid)
+                child.kill()
+                await child.wait()
+        # A persistent-connection task that failed when p2pd died would print "Task exception
+        # was never retrieved" with a traceback at exit: its error is expected here, retrieve it.
+        control = self._p2p._client.control if self._p2p._client is not None else None
+        for task in (getattr(control, "_read_task", None), getattr(control, "_write_task", None)):
+            if task is not None and task.done() and not task.cancelled():
+                task.exception()
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """`p2pmodel join`, `p2pmodel status` and `p2pmodel demo`: the swarm's commands.
 
 - `join` runs a node until SIGINT/SIGTERM (flags are generated from `NodeConfig`'s fields).
-  Without `--peers` it founds a new swarm and prints the exact line others run to join it.
+  Without `--peers` it founds a new swarm and prints the exact line others run to join it,
+  then the node's status URL. Bad flags and a bad event fail first, as one line (exit 2);
+  SIGINT/SIGTERM leave within `--shutdown-timeout` with exit code 0.
 - `status` reads a running node's local status API and prints a summary (or `--json`).
 - `demo` starts 3 nodes as separate processes on 127.0.0.1, lets them run a few rounds, then
   prints the lineage log with the eval loss of every version.
@@ -56,20 +58,24 @@ def cmd_join(args: argparse.Namespace) -> int:
     import asyncio
 
     from p2pmodel.daemon.config import load_event, node_config_from_args
-    from p2pmodel.daemon.logs import Progress, configure_logging
+    from p2pmodel.daemon.logs import configure_logging
     from p2pmodel.daemon.node import Node
 
+    # Bad flags (`--log-level verbose`, `--status-port 99999`, `--device cuda` without CUDA) and
+    # a typo in the event (`codec.densty`, an unknown merge method) are one line naming the
+    # flag or key, here, before the home is touched or any network starts.
     config = node_config_from_args(args)
-    # A typo in the event (`codec.densty`, an unknown merge method) is one line naming the key,
-    # here, before the home is touched or any network starts; not a traceback at round 0.
     load_event(config.event)
-    configure_logging(config.log_level, progress=Progress())
+    configure_logging(config.log_level)
 
     async def main() -> None:
         node = await Node.create(config)
         line = await node.join_line()
-        # the one line a user must see even with logs redirected: stdout, flushed
+        # the lines a user must see even with logs redirected: stdout, flushed. The status URL
+        # too, since its port is not always the default (another node may hold that one)
+        assert node.status_server is not None
         print(f"To join this swarm, run:\n  {line}", flush=True)
+        print(f"Status: {node.status_server.url} (or: p2pmodel status --home {config.home})", flush=True)
         await node.run()
 
     try:
