@@ -315,12 +315,11 @@ def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
     for f in fields(NodeConfig):
         v = getattr(args, f.name)
         values[f.name] = tuple(v) if isinstance(f.default, tuple) else v
-    values["log_level"] = str(values["log_level"]).upper()  # `--log-level debug` works too
     return check_node_config(NodeConfig(**values))
 
 
 def check_node_config(config: NodeConfig) -> NodeConfig:
-    """Return `config` if it can run on this machine, else raise ConfigError naming the flag.
+    """Return `config` (its log level upper-cased) if it can run here, else raise ConfigError naming the flag.
 
     Checked: the log level, the status port's range, numbers that cannot be negative, and the
     device (`cuda` needs a CUDA build of torch and a GPU; `cuda:N` needs N+1 GPUs). torch is
@@ -338,7 +337,7 @@ def check_node_config(config: NodeConfig) -> NodeConfig:
         if not ok:
             raise ConfigError(flag, reason)
     _check_device(config.device)
-    return config
+    return dataclasses.replace(config, log_level=config.log_level.upper())  # `--log-level debug` works too
 
 
 def _check_device(device: str) -> None:
