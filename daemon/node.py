@@ -220,7 +220,7 @@ class Node:
                 max_rounds=config.max_rounds,
                 shutdown_timeout=config.shutdown_timeout,
             )
-            self.status_server = await _open_status(self.status, config.status_port)
+            self.status_server = await _open_status(self.status, config.status_port, self.store)
             self._closers.append(("status", self.status_server.close))
             if not (home / "event.json").exists():
                 (home / "event.json").write_text(self.event.to_json())  # from now on, this home is this event's
@@ -395,15 +395,15 @@ class Node:
 
 
 
-async def _open_status(state: Any, port: int) -> StatusServer:
+async def _open_status(state: Any, port: int, lineage: LineageStore | None = None) -> StatusServer:
     """The status API on `port`; when that is the default port and taken (another node on this
     machine has it), on any free port instead: `node.json` and the join output name it."""
     try:
-        return await StatusServer.create(state, port)
+        return await StatusServer.create(state, port, lineage=lineage)
     except StatusUnavailable as e:
         if port != DEFAULT_STATUS_PORT:
             raise NodeError(f"status port {port} is taken ({e.reason}); pass another --status-port, or 0 for any free port") from None
-    server = await StatusServer.create(state, 0)
+    server = await StatusServer.create(state, 0, lineage=lineage)
     logger.warning("default status port taken; using another", wanted=port, port=server.port)
     return server
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,12 @@ def disk_full_run(tmp_path_factory):
         clear_round = n0.head()[1]
         wait_for(lambda: credited(n0.home, n1_peer, clear_round), 180, "n1 to be credited again")
         out["errors"] = n1.status()["errors"]
+        # the dashboard's lineage API of a running node (daemon/lineage_api.py)
+        url = json.loads((n0.home / "node.json").read_text())["status_url"].rsplit("/status", 1)[0]
+        with urllib.request.urlopen(f"{url}/api/lineage?limit=50", timeout=10) as r:
+            out["api_lineage"] = json.loads(r.read())
+        with urllib.request.urlopen(f"{url}/api/credits", timeout=10) as r:
+            out["api_credits"] = json.loads(r.read())
         yield out
     finally:
         for node in (n0, n1):
@@ -131,3 +138,10 @@ def test_while_full_the_node_trains_nothing_but_the_swarm_goes_on(disk_full_run)
 
 def test_once_space_returns_it_trains_and_is_credited_again(disk_full_run):
     assert not disk_full_run["clear_status"]["disk"]["full"]
+
+
+def test_a_running_node_serves_its_lineage_and_credits_to_the_dashboard(disk_full_run):
+    lineage, credits = disk_full_run["api_lineage"], disk_full_run["api_credits"]
+    assert len(lineage["versions"]) >= 3 and lineage["head"] == lineage["versions"][0]["id"]
+    n1 = next(p for p in credits["peers"] if p["peer"] == disk_full_run["n1_peer"])
+    assert n1["deltas_accepted"] >= 2 and n1["samples_merged"] > 0  # before its disk filled, and after
