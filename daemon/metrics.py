@@ -71,6 +71,11 @@ _SCALARS: tuple[tuple[str, str, tuple[str | int, ...], float, str], ...] = (
     ),
     ("p2pmodel_deltas_excluded", "counter", ("round_counters", "excluded_deltas"), 1, "Deltas left out of our proposals (norm)."),
     ("p2pmodel_merges_failed", "counter", ("round_counters", "failed_merges"), 1, "Adopted proposals whose merge or CI failed."),
+    ("p2pmodel_samples_trained", "counter", ("totals", "samples_trained"), 1, "Samples announced by the swarm in rounds we committed."),
+    ("p2pmodel_samples_merged", "counter", ("totals", "samples_merged"), 1, "Samples merged into versions we committed."),
+    ("p2pmodel_deltas_screened", "counter", ("totals", "deltas_screened"), 1, "Listed deltas the merge's screen left out."),
+    ("p2pmodel_disk_full", "gauge", ("disk", "full"), 1, "1 while the disk is too full to train (daemon/disk.py)."),
+    ("p2pmodel_disk_free_bytes", "gauge", ("disk", "free_bytes"), 1, "Free bytes under the lineage, last checked."),
     ("p2pmodel_head_round", "gauge", ("head", "round"), 1, "Round of the head version (main)."),
     ("p2pmodel_head_eval_loss", "gauge", ("head", "eval_loss"), 1, "Eval loss of the head version (median of the voters')."),
     # the latest committed round (status history)

@@ -237,6 +237,8 @@ class RoundRunner:
             transport.serve_only = self._serves
         self._decoded: dict[str, dict[str, torch.Tensor]] = {}  # delta hash -> screened, decoded delta
         self.exclusions: list[dict[str, Any]] = []  # recent deltas refused by screening: round, peer, reason
+        # since start, over the rounds this node committed (history keeps only the last 50)
+        self.totals: dict[str, int] = {"samples_trained": 0, "samples_merged": 0, "deltas_screened": 0}
         self._busy_mark = 0.0
 
     # ------------------------------------------------------------------------------ startup
@@ -899,6 +901,10 @@ class RoundRunner:
             t.bytes_sent = counters.total_sent() - self._bytes_mark[0]
             t.bytes_received = counters.total_received() - self._bytes_mark[1]
             entry.update(t.as_dict())
+        totals = self.totals
+        totals["samples_trained"] += int(entry["samples_trained"] or 0)
+        totals["samples_merged"] += int(entry["samples_merged"] or 0)
+        totals["deltas_screened"] += len((version.merge or {}).get("screened", []))
         screened = (version.merge or {}).get("screened", [])
         if screened:
             entry["screened"] = len(screened)
@@ -979,6 +985,7 @@ class RoundRunner:
             "records_refused": self.records_refused,
             "gossip": {**self._gossip.stats(), "dht_stores_skipped": self._delivery.dht_stores_skipped},
             "disk": self.disk.status(),
+            "totals": dict(self.totals),
             "exclusions": {
                 "this_round": m.exclusions if m is not None else {},
                 "recent": self.exclusions[-10:],

@@ -149,6 +149,8 @@ LIVE = {
     "commits_refused": 0,
     "records_refused": 6,
     "exclusions": {"this_round": {"cc" * 20: "norm 40x the median"}, "recent": []},
+    "totals": {"samples_trained": 14_080, "samples_merged": 9_600, "deltas_screened": 2},
+    "disk": {"full": True, "free_bytes": 50_000_000, "min_free_bytes": 70_000_000, "since": 1.0, "reason": "x"},
     "history": [
         {"round": 2, "contributors": 3, "eval_loss": 2.75, "samples_trained": 2816, "samples_merged": 2816},
         {
@@ -217,6 +219,9 @@ async def test_metrics_agree_with_the_status_json_of_the_same_node():
         "p2pmodel_training_busy_seconds_total": training["busy_s"],
         "p2pmodel_dht_records_rejected_total": status["records_rejected"],
         "p2pmodel_records_refused_total": status["records_refused"],
+        "p2pmodel_samples_trained_total": status["totals"]["samples_trained"],
+        "p2pmodel_samples_merged_total": status["totals"]["samples_merged"],
+        "p2pmodel_deltas_screened_total": status["totals"]["deltas_screened"],
     }
     gauges = {
         "p2pmodel_round": status["round"],
@@ -236,6 +241,8 @@ async def test_metrics_agree_with_the_status_json_of_the_same_node():
         "p2pmodel_last_round_samples_merged": last["samples_merged"],
         "p2pmodel_last_round_screened_deltas": last["screened"],
         "p2pmodel_last_round_sent_bytes": last["bytes_sent"],
+        "p2pmodel_disk_full": 1,
+        "p2pmodel_disk_free_bytes": status["disk"]["free_bytes"],
     }
     for name, want in {**counters, **gauges}.items():
         assert _value(families, name) == pytest.approx(want), name
