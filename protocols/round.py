@@ -135,7 +135,11 @@ class RoundConfig:
     round_deadline: float = 240.0  # seconds from entering a round until it fails if nothing committed
     early_close: bool = True  # close the collect window once every expected delta is in
     min_members: int = 1  # early close also waits until this many peers are expected (the event's group size)
-    commit_publishers: int = 3  # the proposer and the next best-ranked members publish each Commit
+    # Who stores each Commit in the DHT: the proposer, then the next best-ranked members. One is
+    # enough (3 cost ~4 kB per peer per round at 3 nodes): live peers commit from pushed votes, a
+    # member left on the replaced head gets the Commit republished (`_help_laggard`), and a lost
+    # one is replaced by the next round's.
+    commit_publishers: int = 1
     quorum: Fraction = Fraction(2, 3)  # share of members (and of the electorate) that must sign
     max_members: int = MAX_MEMBERS  # announcements accepted per round; later ones are dropped
     future_rounds: int = 8  # rounds ahead of ours whose records are buffered, not dropped
