@@ -27,9 +27,9 @@ from p2pmodel.protocols.signing import PeerIdentity  # noqa: E402
 EVENT = {
     "name": "partition",
     "inner_steps": 8,
-    "collect_window": 8.0,
+    "collect_window": 6.0,
     "proposal_timeout": 3.0,
-    "round_deadline": 30.0,  # a split round fails this long after it began
+    "round_deadline": 20.0,  # a split round fails this long after it began
     "task_options": {"train_bytes": 200_000, "eval_batches": 2},
 }
 UIDS = {"A": 1001, "B": 1002}
