@@ -285,7 +285,7 @@ class RoundRunner:
                 pass  # not vouched for by peers we know: check every link from our head instead
             try:
                 return await verify_by_chain(
-                    self.transport, self.store, msg, record, head=head, electorate=electorate,
+                    self.transport, msg, record, head=head, electorate=electorate,
                     peers=self._libp2p_for(commit_signers(msg)),
                 )  # fmt: skip
             except SyncError as e:

@@ -128,7 +128,6 @@ MAX_CHAIN = 100_000  # versions a joiner walks back to its own head before givin
 
 async def verify_by_chain(
     transport: Transport,
-    store: LineageStore,
     commit: Commit,
     record: bytes,
     *,

@@ -83,9 +83,8 @@ async def test_a_fresh_joiner_checks_every_link_and_accepts_the_head(lineage, ve
     # the founder did not sign the head: vouching alone cannot accept it
     with pytest.raises(SyncError, match="vouches"):
         verify_commit(commit, record, electorate=frozenset({FOUNDER}), head=seed.id)
-    with LineageStore.init(tmp_path / "fresh") as fresh:
-        got = await verify_by_chain(joiner, fresh, commit, record, head=seed.id,
-                                    electorate=frozenset({FOUNDER}), peers=[veteran.peer_id.to_base58()])  # fmt: skip
+    got = await verify_by_chain(joiner, commit, record, head=seed.id,
+                                electorate=frozenset({FOUNDER}), peers=[veteran.peer_id.to_base58()])  # fmt: skip
     assert got.id == head.id and set(got.members) == {IDS[1], IDS[2], IDS[3]}
     assert joiner.counters.snapshot()["certificate"]["received"] > 0
 
@@ -101,8 +100,8 @@ async def test_a_forged_single_member_head_is_refused(lineage, veteran, joiner, 
     commit = Commit(round=10**6, version_id=forged.id, certificate=(vote,))
     with pytest.raises(SyncError):
         verify_commit(commit, forged.to_bytes(), electorate=frozenset({FOUNDER}), head=seed.id)
-    with LineageStore.init(tmp_path / "fresh") as fresh, pytest.raises(SyncError):
-        await verify_by_chain(joiner, fresh, commit, forged.to_bytes(), head=seed.id,
+    with pytest.raises(SyncError):
+        await verify_by_chain(joiner, commit, forged.to_bytes(), head=seed.id,
                               electorate=frozenset({FOUNDER}), peers=[veteran.peer_id.to_base58()])  # fmt: skip
 
 
@@ -110,6 +109,6 @@ async def test_a_chain_with_a_link_nobody_can_certify_is_refused(lineage, vetera
     store, seed, versions, votes2 = lineage
     store.annotate(versions[1].id, certificate={"round": 1, "votes": []})  # the veteran lost r1's certificate
     commit = Commit(round=2, version_id=versions[2].id, certificate=tuple(votes2))
-    with LineageStore.init(tmp_path / "fresh") as fresh, pytest.raises(SyncError, match="certificate"):
-        await verify_by_chain(joiner, fresh, commit, store.read_object(versions[2].id), head=seed.id,
+    with pytest.raises(SyncError, match="certificate"):
+        await verify_by_chain(joiner, commit, store.read_object(versions[2].id), head=seed.id,
                               electorate=frozenset({FOUNDER}), peers=[veteran.peer_id.to_base58()])  # fmt: skip
