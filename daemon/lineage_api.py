@@ -64,7 +64,7 @@ class ApiReply:
 
     @classmethod
     def json(cls, obj: Any, status: int = 200) -> ApiReply:
-        return cls(status, "application/json", json.dumps(_jsonable(obj), sort_keys=True).encode())
+        return cls(status, "application/json", json.dumps(jsonable(obj), sort_keys=True).encode())
 
     @classmethod
     def error(cls, status: int, message: str) -> ApiReply:
@@ -306,14 +306,14 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON has no NaN/Infinity: None instead, so every client parses the answer."""
+def jsonable(value: Any) -> Any:
+    """JSON has no NaN/Infinity: None instead, so every client parses the answer (status too)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 

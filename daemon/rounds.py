@@ -352,6 +352,7 @@ class RoundRunner:
         await self.trainer.start(await asyncio.to_thread(self.store.state_dict, head))
         await self._gossip.start()
         self._spawn(self._poll_loop(), "poll")
+        self._spawn(self._disk_loop(), "disk")
         if self.progress.enabled:
             self._spawn(self._progress_loop(), "progress")
         await self._process(rm.Start(time.time(), head, head_round, electorate))
@@ -504,12 +505,8 @@ class RoundRunner:
         key and the next round's members every POLL_HEAD_EVERY seconds, or soon after a record
         showed a head newer than ours. On exit, queued pushes get 2 s to go out."""
         poll = self._delivery
-        next_disk_check = 0.0
         try:
             while True:
-                if time.monotonic() >= next_disk_check:
-                    next_disk_check = time.monotonic() + DISK_CHECK_EVERY
-                    self._check_disk()
                 machine = self.machine
                 r = machine.round if machine is not None else None
                 now = time.monotonic()
@@ -537,6 +534,11 @@ class RoundRunner:
                 await asyncio.sleep(POLL_TICK)
         finally:
             await self._gossip.close(timeout=2.0)
+
+    async def _disk_loop(self) -> None:
+        while True:
+            self._check_disk()
+            await asyncio.sleep(DISK_CHECK_EVERY)
 
     def _check_disk(self) -> None:
         if not self.disk.check():
@@ -901,11 +903,11 @@ class RoundRunner:
             t.bytes_sent = counters.total_sent() - self._bytes_mark[0]
             t.bytes_received = counters.total_received() - self._bytes_mark[1]
             entry.update(t.as_dict())
+        screened = (version.merge or {}).get("screened", [])
         totals = self.totals
         totals["samples_trained"] += int(entry["samples_trained"] or 0)
         totals["samples_merged"] += int(entry["samples_merged"] or 0)
-        totals["deltas_screened"] += len((version.merge or {}).get("screened", []))
-        screened = (version.merge or {}).get("screened", [])
+        totals["deltas_screened"] += len(screened)
         if screened:
             entry["screened"] = len(screened)
             for peer, why in screened:

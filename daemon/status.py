@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 import urllib.error
 import urllib.parse
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CollectorRegistry
 
-from p2pmodel.daemon.lineage_api import ApiReply, LineageApi, dashboard_file
+from p2pmodel.daemon.lineage_api import ApiReply, LineageApi, dashboard_file, jsonable
 from p2pmodel.daemon.logs import get_logger
 from p2pmodel.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2pmodel.daemon.metrics import render_metrics, status_registry
@@ -185,7 +184,7 @@ class StatusServer:
             if path == b"/healthz":
                 return await self._reply(writer, 200, "text/plain", b"ok\n")
             if path in (b"/", b"/status"):
-                body = json.dumps(_jsonable(self._state()), sort_keys=True).encode()
+                body = json.dumps(jsonable(self._state()), sort_keys=True).encode()
                 return await self._reply(writer, 200, "application/json", body)
             if path == b"/metrics":
                 return await self._reply(writer, 200, METRICS_CONTENT_TYPE, render_metrics(self._metrics))
@@ -239,17 +238,6 @@ def _addressed_to_loopback(head: bytes) -> bool:
                 host = host.split(":", 1)[0]
             return host.lower() in _LOCAL_HOSTS
     return False
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON has no NaN/Infinity: turn them into None so every client can parse the status."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:

@@ -19,6 +19,7 @@ overrule it. Below `min_deltas` there is no majority to compare with and nothing
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -57,8 +58,7 @@ def screen_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], rule: DeltaScree
     dots = [0.0] * n
     ref_sq = 0.0
     for name in names:
-        present = [d[name] for d in deltas if name in d]
-        like = present[0]
+        like = next(d[name] for d in deltas if name in d)
         parts = [(d[name] if name in d else torch.zeros_like(like)).to(torch.float32).reshape(-1) for d in deltas]
         stacked = torch.stack(parts)
         if n >= rule.min_deltas:
@@ -78,7 +78,7 @@ def screen_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], rule: DeltaScree
         return ScreenResult(tuple(range(n)), (), tuple(math.nan for _ in range(n)), norms)
     ref_norm = math.sqrt(ref_sq)
     cosines = tuple(dots[i] / (norms[i] * ref_norm) if norms[i] > 0 and ref_norm > 0 else 0.0 for i in range(n))
-    med_norm = sorted(norms)[(n - 1) // 2] if n % 2 else (sorted(norms)[n // 2 - 1] + sorted(norms)[n // 2]) / 2
+    med_norm = statistics.median(norms)
     reasons: dict[int, tuple[float, str]] = {}  # index -> (badness for ordering, reason)
     for i in range(n):
         if norms[i] == 0.0:

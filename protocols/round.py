@@ -1037,9 +1037,9 @@ class RoundMachine:
         `max_weight_ratio` x the median (a peer announcing 10^4 x the samples gets 2 x)."""
         v = self._view
         assert v is not None
-        kept = []
+        kept = []  # (peer, announcement, its offences in the window)
         for p, a in fetched:
-            why = self._norm_outlier(a.delta_hash)
+            why, n = self._norm_outlier(a.delta_hash), 0
             if why:
                 self._offend(p, v.round)
             else:
@@ -1050,12 +1050,9 @@ class RoundMachine:
                 v.excluded[p] = why
                 self._count("excluded_deltas")
             else:
-                kept.append((p, a))
-        cap = _weight_cap([float(a.samples) for _, a in kept], self.config.max_weight_ratio)
-        return tuple(
-            ProposalDelta(p, a.delta_hash, min(float(a.samples), cap) / (2.0 if self._recent_offences(p, v.round) else 1.0))
-            for p, a in kept
-        )
+                kept.append((p, a, n))
+        cap = _weight_cap([float(a.samples) for _, a, _ in kept], self.config.max_weight_ratio)
+        return tuple(ProposalDelta(p, a.delta_hash, min(float(a.samples), cap) / (2.0 if n else 1.0)) for p, a, n in kept)
 
     def _offend(self, peer: str, round_: int) -> None:
         """Note an offence (once per round); forget offences older than the window."""

@@ -20,16 +20,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_swarm import SwarmNode  # noqa: E402
+import pytest  # noqa: E402
+from swarm_nodes import SwarmNode, wait_for  # noqa: E402
 
 from p2pmodel.protocols.signing import PeerIdentity  # noqa: E402
 
 EVENT = {
     "name": "partition",
     "inner_steps": 8,
-    "collect_window": 6.0,
+    "collect_window": 8.0,
     "proposal_timeout": 3.0,
-    "round_deadline": 20.0,  # a split round fails this long after it began
+    "round_deadline": 30.0,  # a split round fails this long after it began
     "task_options": {"train_bytes": 200_000, "eval_batches": 2},
 }
 UIDS = {"A": 1001, "B": 1002}
@@ -51,25 +52,10 @@ class GroupNode(SwarmNode):
     """A SwarmNode whose process runs as its group's user."""
 
     def __init__(self, name: str, root: Path, event: Path, peers: list[str], seeder: str, uid: int):
-        super().__init__(name, root, event, peers, seeder)
+        super().__init__(name, root, event, peers, seeder, log_stdout=True)  # the founder's join line
         self.args = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *self.args]
         self.home.mkdir(parents=True, exist_ok=True)
         os.chown(self.home, uid, uid)
-
-    def start(self) -> None:
-        with open(self.log, "a") as log:  # stdout too: the founder prints its join line there
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def main(out: Path) -> int:
@@ -119,7 +105,7 @@ def main(out: Path) -> int:
         result["heads"] = wait_for(one_head, 300, "one head on all five after the link returned", interval=2.0)
         result["heal_s"] = time.monotonic() - t_heal
         result["ok"] = True
-    except TimeoutError as e:
+    except pytest.fail.Exception as e:  # wait_for timed out
         result["error"] = str(e)
         result["heads_at_error"] = {name: n.head() for name, n in nodes.items()}
     finally:

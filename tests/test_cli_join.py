@@ -35,6 +35,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from swarm_nodes import wait_for
 from p2pmodel.daemon.config import (
     DEFAULT_STATUS_PORT,
     ConfigError,
@@ -276,17 +277,6 @@ def _read_stdout_until(proc: subprocess.Popen, pattern: str, deadline: float, bu
             buf += os.read(fd, 65536)
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def sigint_run(tmp_path_factory) -> SigintRun:
     root = tmp_path_factory.mktemp("sigint")
@@ -307,7 +297,7 @@ def sigint_run(tmp_path_factory) -> SigintRun:
             except StatusUnavailable:
                 return False
 
-        _wait_for(in_a_round, 120, "the node to enter its first round")
+        wait_for(in_a_round, 120, "the node to enter its first round", interval=0.2)
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert children, "the node runs p2pd as its child"
         start = time.monotonic()

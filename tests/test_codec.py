@@ -8,6 +8,9 @@
 - Error feedback: the cumulative sum of what a sender transmitted stays within one residual
   of the cumulative true sum; without it the gap grows round after round.
 - The decoder refuses each malformed field with a typed `CodecError` naming the field.
+
+One file for the one codec (its guarantees read as one specification); fuzzing is in
+test_codec_fuzz.py.
 """
 
 from __future__ import annotations

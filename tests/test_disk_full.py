@@ -17,10 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_swarm import SwarmNode, _start_stock_dht, wait_for
+from swarm_nodes import SwarmNode, seeded_swarm, stop_stock_dht, wait_for
 
 from p2pmodel.lineage import LineageStore
-from p2pmodel.protocols.signing import PeerIdentity
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -73,15 +72,9 @@ def disk_full_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("diskfull")
     if shutil.which("unshare") is None or not _can_mount_tmpfs(root):
         pytest.skip("needs `unshare -m` and tmpfs mounts (CAP_SYS_ADMIN)")
-    event = root / "event.json"
-    event.write_text(json.dumps(EVENT))
-    stock, addrs = _start_stock_dht(root / "stock.log")
-    seeder_home = root / "n0"
-    seeder_home.mkdir()
-    seeder = PeerIdentity.generate()
-    seeder.save(seeder_home / "identity.pem")
-    n0 = SwarmNode("n0", root, event, addrs, seeder.peer_id)
-    n1 = TmpfsNode("n1", root, event, addrs, seeder.peer_id)
+    event, stock, addrs, seeder = seeded_swarm(root, EVENT)
+    n0 = SwarmNode("n0", root, event, addrs, seeder)
+    n1 = TmpfsNode("n1", root, event, addrs, seeder)
     out: dict = {}
     try:
         n0.start()
@@ -117,11 +110,7 @@ def disk_full_run(tmp_path_factory):
     finally:
         for node in (n0, n1):
             node.stop(timeout=30)
-        stock.terminate()
-        try:
-            stock.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            stock.kill()
+        stop_stock_dht(stock)
 
 
 def test_a_full_disk_is_reported_in_status_with_free_bytes_and_the_reason(disk_full_run):

@@ -2,7 +2,10 @@
 that keep bad records out (wrong round or base, non-members, duplicates, equivocation).
 
 Every test drives a real `RoundMachine` with hand-built events and messages; other peers are
-simulated by constructing their signed-over messages directly."""
+simulated by constructing their signed-over messages directly. One file for one machine, in
+sections (the table, entering, dropped records, proposing, voting and committing, rounds that
+fit the peers, screening and repeat offenders);
+whole-swarm properties under a simulated network are in test_round_sim.py."""
 
 from __future__ import annotations
 

@@ -3,6 +3,10 @@
 Human output is aligned columns with ids shortened to 12 hex digits, as git does. Progress
 for long operations (commit, export, diff) goes to stderr, only on a terminal.
 
+Why one long file: each command is a short function over LineageStore plus its flags, and they
+share the output helpers (tables, JSON, short ids); the seam to split next is `log` with its
+graph drawing, the largest part.
+
 `--json` output (stable; fields are only ever added). Times are unix seconds (float),
 ids are full 64-hex strings, shapes are lists of ints, bytes are ints:
 
