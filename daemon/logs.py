@@ -4,7 +4,7 @@ Every event is one line: `time level logger: message key=value key=value`. Field
 keyword arguments (`log.info("round committed", round=3, version=vid[:12])`), so lines stay
 greppable and machine-splittable. Values containing spaces are quoted.
 
-On a TTY, `Progress` keeps one status line at the bottom of the terminal (round, phase, training
+On a TTY, `StatusLine` keeps one status line at the bottom of the terminal (round, phase, training
 progress); log lines are printed above it. One writer per stream (`_Line`) draws both, so a log
 line never lands in the middle of the progress text. When stderr is not a terminal the
 progress line is off and nothing but log lines is written.
@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-__all__ = ["get_logger", "configure_logging", "Progress", "StructuredLogger"]
+__all__ = ["get_logger", "configure_logging", "StatusLine", "StructuredLogger"]
 
 _ROOT = "p2pmodel"
 
@@ -137,11 +137,13 @@ class _LineHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-class Progress:
+class StatusLine:
     """The status line at the bottom of a terminal; inert elsewhere.
 
-    Every `Progress` on one stream draws through that stream's single writer, the same one log
-    lines go through (`configure_logging`), however many parts of the node create one.
+    Not `p2pmodel.progress.Progress` (an amount done out of a total, for the CLI's long
+    commands): this one shows whatever text it is given. Every `StatusLine` on one stream
+    draws through that stream's single writer, the same one log lines go through
+    (`configure_logging`), however many parts of the node create one.
     """
 
     def __init__(self, stream: TextIO | None = None, enabled: bool | None = None):
@@ -163,10 +165,14 @@ class Progress:
         self._line.hide()
 
 
+# The old name, still imported by daemon/rounds.py and tests/test_cli_join.py; use StatusLine.
+Progress = StatusLine
+
+
 def configure_logging(level: str = "INFO", *, stream: TextIO | None = None) -> None:
     """Send p2pmodel's logs, and hivemind's from WARNING up, to `stream` (default stderr) at `level`.
 
-    Every line goes through the stream's one writer, which keeps a `Progress` line below them.
+    Every line goes through the stream's one writer, which keeps a `StatusLine` below them.
     Calling it again replaces the previous handler (tests and `demo` call it more than once).
     """
     handler = _LineHandler(stream if stream is not None else sys.stderr)

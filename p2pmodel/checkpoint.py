@@ -41,6 +41,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Union
 
 import torch
 
+from p2pmodel.atomic import TMP_PREFIX, fsync_dir, replacing
+from p2pmodel.dtypes import DTYPES, ITEMSIZE, UnsupportedDtype, dtype_name, torch_dtype
 from p2pmodel.errors import P2PModelError
 
 __all__ = [
@@ -75,27 +77,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _OTHER_WEIGHT_SUFFIXES = (".gguf", ".onnx", ".h5", ".msgpack", ".npz", ".npy")
 MAX_EXTRA_FILE_BYTES = 64 * 2**20  # tokenizer.json of big vocabularies is ~20 MB
 _MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
-
-# safetensors dtype names <-> torch dtypes (the names `TensorEntry.dtype` uses).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-_NAMES = {v: k for k, v in DTYPES.items()}
-_ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 
 TensorSource = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 Layout = Mapping[str, tuple[str, tuple[int, ...]]]
@@ -200,18 +181,8 @@ def _os_error_names(dest: Path) -> Iterator[None]:
 # ----------------------------------------------------------------------------- dtypes
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype ("F32", "BF16", ...). Raises `KeyError` if none."""
-    return _NAMES[dtype]
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name. Raises `KeyError` if unknown."""
-    return DTYPES[name]
-
-
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * _ITEMSIZE[dtype]
+    return math.prod(shape) * ITEMSIZE[dtype]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -502,13 +473,13 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 def _entry_of(name: str, t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
     try:
         return dtype_name(t.dtype), tuple(t.shape)
-    except KeyError:
+    except UnsupportedDtype:
         raise LayoutMismatch(name, f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store") from None
 
 
 def _order(layout: Layout) -> list[str]:
     # Wide dtypes first, then by name, as the safetensors library does: keeps data aligned.
-    return sorted(layout, key=lambda n: (-_ITEMSIZE[layout[n][0]], n))
+    return sorted(layout, key=lambda n: (-ITEMSIZE[layout[n][0]], n))
 
 
 def _header_bytes(layout: Layout, names: list[str], metadata: Mapping[str, str] | None) -> bytes:
@@ -623,19 +594,6 @@ class _FileSet:
             f.close()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
 def _layout_values(layout: Layout) -> dict[str, tuple[str, tuple[int, ...]]]:
     out = {}
     for n, (dtype, shape) in layout.items():
@@ -684,25 +642,22 @@ def _write_safetensors(
     if dest.exists() and not overwrite:
         raise OutputExists(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     lay, items, spool = _prepare(tensors, _layout_values(layout) if layout is not None else None, dest.parent)
     files = None
     try:
-        files = _FileSet(lay, {tmp: _order(lay)}, metadata)
-        for name, value in items:
-            n = files.write(name, value, dest)
-            if on_tensor:
-                on_tensor(name, n)
-        files.finish(dest)
-        files.close()
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        with replacing(dest) as tmp:
+            files = _FileSet(lay, {tmp: _order(lay)}, metadata)
+            for name, value in items:
+                n = files.write(name, value, dest)
+                if on_tensor:
+                    on_tensor(name, n)
+            files.finish(dest)
+            files.close()
     finally:
         if files:
             files.close()
         if spool:
             spool.close()
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -774,7 +729,7 @@ def _write_hf_folder(
         if Path(name).name != name or name.startswith(".") or name.endswith(".safetensors") or name == INDEX_NAME:
             raise LayoutMismatch(dest, f"side file name {name!r} is not allowed")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = dest.parent / f"{TMP_PREFIX}{dest.name}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     spool = files = None
     try:
@@ -818,7 +773,7 @@ def _write_hf_folder(
         if spool:
             spool.close()
             spool = None
-        _fsync_dir(tmp)
+        fsync_dir(tmp, strict=False)
         _swap_into_place(tmp, dest, overwrite)
     finally:
         if files:
@@ -851,4 +806,4 @@ def _swap_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent, strict=False)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import zstandard
 
+from p2pmodel.dtypes import UnsupportedDtype, dtype_name
 from p2pmodel.protocols import quant, sparse
 from p2pmodel.protocols.codec_errors import (
     CodecError,
@@ -45,6 +46,7 @@ from p2pmodel.protocols.delta_format import (
     check_payload,
     decode_entry,
 )
+from p2pmodel.protocols.schema import is_int
 
 __all__ = [
     "FORMAT_VERSION",
@@ -60,8 +62,6 @@ __all__ = [
     "UnsupportedDelta",
     "InvalidCodecConfig",
 ]
-
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def _bits_of(encoder: object) -> tuple[int, ...]:
@@ -94,14 +94,14 @@ class CodecConfig:
     def __post_init__(self) -> None:
         checks = [  # (field, valid, what a valid value is)
             ("encoder", self.encoder in ENCODERS, f"must be one of {ENCODERS}"),
-            ("block_size", _is_int(self.block_size) and 0 <= self.block_size <= MAX_BLOCK, f"must be 0..{MAX_BLOCK}"),
+            ("block_size", is_int(self.block_size) and 0 <= self.block_size <= MAX_BLOCK, f"must be 0..{MAX_BLOCK}"),
             ("density", type(self.density) in (float, int) and 0 < self.density <= 1, "must be in (0, 1]"),
             ("topk_scope", self.topk_scope in ("tensor", "global"), "must be 'tensor' or 'global'"),
-            ("value_bits", _is_int(self.value_bits) and self.value_bits in _bits_of(self.encoder), _bits_rule(self.encoder)),
-            ("dense_below", _is_int(self.dense_below) and self.dense_below >= 0, "must be >= 0"),
-            ("zstd_level", _is_int(self.zstd_level) and 0 <= self.zstd_level <= 19, "must be in [0, 19]"),
+            ("value_bits", is_int(self.value_bits) and self.value_bits in _bits_of(self.encoder), _bits_rule(self.encoder)),
+            ("dense_below", is_int(self.dense_below) and self.dense_below >= 0, "must be >= 0"),
+            ("zstd_level", is_int(self.zstd_level) and 0 <= self.zstd_level <= 19, "must be in [0, 19]"),
             ("feedback_decay", _is_unit(self.feedback_decay), "must be in [0, 1]"),
-            ("max_decoded_bytes", _is_int(self.max_decoded_bytes) and self.max_decoded_bytes >= 0, "must be >= 0"),
+            ("max_decoded_bytes", is_int(self.max_decoded_bytes) and self.max_decoded_bytes >= 0, "must be >= 0"),
         ]
         for field, ok, reason in checks:
             if not ok:
@@ -282,10 +282,6 @@ def decode(data: bytes, manifest: Mapping[str, Any], *, max_bytes: int) -> dict[
 # --- encoding helpers ------------------------------------------------------------------
 
 
-def _is_int(v: object) -> bool:
-    return type(v) is int
-
-
 def _is_unit(v: object) -> bool:
     """A float or int in [0, 1] (not bool, not NaN)."""
     return type(v) in (float, int) and 0 <= v <= 1
@@ -299,9 +295,13 @@ def _count(density: float, numel: int) -> int:
 def _dtype_name(name: str, t: torch.Tensor) -> str:
     if not isinstance(t, torch.Tensor):
         raise UnsupportedDelta(str(name), f"not a tensor but {type(t).__name__}")
-    if t.dtype not in _DTYPE_NAMES:
+    try:
+        dtype = dtype_name(t.dtype)
+    except UnsupportedDtype:
+        dtype = None
+    if dtype not in DTYPES:
         raise UnsupportedDelta(name, f"dtype {t.dtype} is not one of F32, F16, BF16, F64")
-    return _DTYPE_NAMES[t.dtype]
+    return dtype
 
 
 def _flat_float32(name: str, t: torch.Tensor) -> np.ndarray:

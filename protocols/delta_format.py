@@ -44,8 +44,11 @@ import numpy as np
 import torch
 import zstandard
 
+from p2pmodel.dtypes import DTYPES as ALL_DTYPES
+from p2pmodel.dtypes import ITEMSIZE
 from p2pmodel.protocols import quant, sparse
 from p2pmodel.protocols.codec_errors import DeltaTooLarge, MalformedDelta, ManifestMismatch
+from p2pmodel.protocols.schema import is_int
 
 __all__ = [
     "FORMAT_VERSION",
@@ -67,8 +70,7 @@ assert sys.byteorder == "little", "raw sections are little endian, as numpy's na
 
 FORMAT_VERSION = 1
 ENCODERS = ("fp16", "bf16", "int8", "topk", "lowbit")
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+DTYPES = {name: ALL_DTYPES[name] for name in ("F32", "F16", "BF16", "F64")}  # the dtypes a delta may have
 # Largest finite value a decoded entry may take in each dtype (F64 decodes via float32).
 # Scales are refused above MAX_FINITE / 128, so that no int8 code can overflow to Inf.
 MAX_FINITE = {"F32": 3.4028235e38, "F16": 65504.0, "BF16": 3.3895314e38, "F64": 3.4028235e38}
@@ -127,7 +129,7 @@ def check_payload(data: bytes, manifest: Mapping[str, Any], max_bytes: int) -> l
     except Exception as exc:  # any parser failure means the peer sent garbage
         raise MalformedDelta("payload", f"not msgpack: {type(exc).__name__}: {exc}") from None
     _keys(envelope, "payload", {"format", "tensors"})
-    if envelope["format"] != FORMAT_VERSION or not _is_int(envelope["format"]):
+    if envelope["format"] != FORMAT_VERSION or not is_int(envelope["format"]):
         version = f"{envelope['format']!r:.40}"
         raise MalformedDelta("format", f"version {version} is not supported (this build reads {FORMAT_VERSION})")
     tensors = envelope["tensors"]
@@ -141,16 +143,12 @@ def check_payload(data: bytes, manifest: Mapping[str, Any], max_bytes: int) -> l
         if entry.name in names:
             raise MalformedDelta(entry.where, f"tensor {entry.name!r} appears twice")
         names.add(entry.name)
-        cost += entry.numel * _ITEMSIZE[entry.dtype]
+        cost += entry.numel * ITEMSIZE[entry.dtype]
         cost += sum(s.raw_len for s in entry.sections if s.comp == SECTION_ZSTD)
         if cost > max_bytes:
             raise DeltaTooLarge(cost, max_bytes)
         entries.append(entry)
     return entries
-
-
-def _is_int(v: object) -> bool:
-    return type(v) is int  # not bool
 
 
 def _keys(obj: object, where: str, keys: set[str]) -> None:
@@ -161,7 +159,7 @@ def _keys(obj: object, where: str, keys: set[str]) -> None:
 
 
 def _int(v: object, where: str, lo: int, hi: int) -> int:
-    if not _is_int(v) or not lo <= v <= hi:
+    if not is_int(v) or not lo <= v <= hi:
         raise MalformedDelta(where, f"expected an integer in [{lo}, {hi}], got {v!r:.40}")
     return v
 
@@ -218,14 +216,14 @@ def _section_sizes(where: str, enc: str, params: dict, numel: int) -> list[tuple
         return [(scales, scales), (numel, numel)]
     if enc == "lowbit":
         bits = params["bits"]
-        if not _is_int(bits) or bits not in quant.LOWBIT_BITS:
+        if not is_int(bits) or bits not in quant.LOWBIT_BITS:
             raise MalformedDelta(f"{where}.bits", f"expected one of {quant.LOWBIT_BITS}, got {bits!r:.40}")
         scales = 4 * quant.block_count(numel, block)
         codes = -(-numel * bits // 8)
         return [(scales, scales), (codes, codes)]
     k = _int(params["k"], f"{where}.k", 0, numel)
     bits = params["bits"]
-    if not _is_int(bits) or bits not in (4, 8):
+    if not is_int(bits) or bits not in (4, 8):
         raise MalformedDelta(f"{where}.bits", f"expected 4 or 8, got {bits!r:.40}")
     index = params["index"]
     bitmap = sparse.bitmap_size(numel)
@@ -244,9 +242,9 @@ def _check_section(where: str, s: object, lo: int, hi: int) -> Section:
     if not isinstance(s, list) or len(s) != 3:
         raise MalformedDelta(where, "expected [comp, raw_len, bytes]")
     comp, raw_len, data = s
-    if comp not in (SECTION_RAW, SECTION_ZSTD) or not _is_int(comp):
+    if comp not in (SECTION_RAW, SECTION_ZSTD) or not is_int(comp):
         raise MalformedDelta(where, f"unknown compression {comp!r:.40}")
-    if not _is_int(raw_len) or not lo <= raw_len <= hi:
+    if not is_int(raw_len) or not lo <= raw_len <= hi:
         raise MalformedDelta(where, f"raw length {raw_len!r:.40} outside [{lo}, {hi}]")
     if not isinstance(data, bytes):
         raise MalformedDelta(where, "section data is not bytes")

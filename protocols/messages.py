@@ -51,7 +51,7 @@ from .limits import (  # re-exported: the limits are part of the messages' publi
     SIGNED_OVERHEAD,
     UNPACK_LIMITS,
 )
-from .schema import Blob, Code, Hex, Map, Real, Record, Scalar, Seq, Text, UInt, _Bad, _Check, _is_int
+from .schema import Blob, Code, Hex, Map, Real, Record, Scalar, Seq, Text, UInt, _Bad, _Check, is_int
 from .errors import (  # the errors are re-exported: ARCHITECTURE lists them with the messages
     InvalidMessage,
     LocalProtocolError,
@@ -527,7 +527,7 @@ def decode(data: bytes, expected: type[Message] | None = None) -> Message:
     if not isinstance(env, dict):
         raise MalformedMessage(f"envelope is a {type(env).__name__}, not a map")
     version, type_name, body = env.get("v"), env.get("t"), env.get("b")
-    if not (isinstance(version, tuple) and len(version) == 2 and all(_is_int(x) for x in version)):
+    if not (isinstance(version, tuple) and len(version) == 2 and all(is_int(x) for x in version)):
         raise MalformedMessage("envelope field 'v' is not [major, minor]")
     if version[0] != PROTOCOL_VERSION[0]:
         raise UnsupportedVersion((version[0], version[1]), PROTOCOL_VERSION)

@@ -25,7 +25,8 @@ class _Bad(Exception):
         self.path = path  # "[3][1]" for nested values
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An integer and not a bool (Python's bool is an int; the wire and config files keep them apart)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -44,7 +45,7 @@ class UInt(_Check):
         self.min, self.max = min, max
 
     def __call__(self, v: Any) -> int:
-        if not _is_int(v):
+        if not is_int(v):
             raise _Bad(f"expected an integer, got {type(v).__name__}")
         if not self.min <= v <= self.max:
             raise _Bad(f"{v} is outside [{self.min}, {self.max}]")
@@ -61,7 +62,7 @@ class Real(_Check):
         self.min = min
 
     def __call__(self, v: Any) -> float:
-        if not (isinstance(v, float) or _is_int(v)):
+        if not (isinstance(v, float) or is_int(v)):
             raise _Bad(f"expected a number, got {type(v).__name__}")
         try:
             f = float(v)
@@ -157,7 +158,7 @@ class Scalar(_Check):
             return v
         if isinstance(v, str):
             return self._text(v)
-        if _is_int(v):
+        if is_int(v):
             return self._int(v)
         if isinstance(v, float):
             return self._real(v)
@@ -250,7 +251,7 @@ class Code(_Check):
         self.enum, self.unknown = enum, unknown
 
     def __call__(self, v: Any) -> IntEnum:
-        if not _is_int(v):
+        if not is_int(v):
             raise _Bad(f"expected an integer code, got {type(v).__name__}")
         if not 0 <= v <= 0xFFFF:
             raise _Bad(f"code {v} is outside [0, 65535]")

@@ -31,6 +31,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from p2pmodel.atomic import atomic_write
+
 from .errors import (
     BadSignature,
     ImpersonationError,
@@ -125,17 +127,9 @@ class PeerIdentity:
         pem = self.private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, pem)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            atomic_write(path, pem, mode=0o600)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise KeyFileError(str(path), e.strerror or str(e)) from None
 
     @property

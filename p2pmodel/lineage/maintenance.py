@@ -24,14 +24,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
+from p2pmodel.atomic import TMP_PREFIX
 from p2pmodel.lineage.objects import _HEX64, InvalidObject, LineageError, Version, check_object, parse_header
 
 if TYPE_CHECKING:
     from p2pmodel.lineage.store import LineageStore
 
 __all__ = ["verify", "repair", "gc", "iter_object_files", "Problem", "VerifyReport", "RepairReport", "GcReport", "GcRefused"]
-
-_TMP_PREFIX = ".tmp-"
 
 
 class GcRefused(LineageError):
@@ -94,7 +93,7 @@ def iter_object_files(store: "LineageStore") -> Iterator[tuple[str, str]]:
             yield folder.name, folder.path
             continue
         for entry in sorted(os.scandir(folder.path), key=lambda e: e.name):
-            yield folder.name + entry.name if not entry.name.startswith(_TMP_PREFIX) else entry.name, entry.path
+            yield folder.name + entry.name if not entry.name.startswith(TMP_PREFIX) else entry.name, entry.path
 
 
 def verify(store: "LineageStore") -> VerifyReport:
@@ -111,7 +110,7 @@ def verify(store: "LineageStore") -> VerifyReport:
     bad: dict[str, str] = {}  # oid -> kind of damage
     records: dict[str, Version] = {}
     for name, path in iter_object_files(store):
-        if name.startswith(_TMP_PREFIX):
+        if name.startswith(TMP_PREFIX):
             report.stray_temp_files += 1
             continue
         if not _HEX64.fullmatch(name):
@@ -261,7 +260,7 @@ def gc(store: "LineageStore", grace_s: float = 0.0) -> GcReport:
                 except LineageError:
                     pass
         for name, path in iter_object_files(store):
-            if name.startswith(_TMP_PREFIX):
+            if name.startswith(TMP_PREFIX):
                 if old_enough(path):  # no writer is in flight: we hold the lock exclusively
                     os.unlink(path)
                     report.removed_temp_files += 1

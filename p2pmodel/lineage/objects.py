@@ -28,6 +28,7 @@ import msgpack
 import numpy as np
 import torch
 
+from p2pmodel.dtypes import DTYPES, ITEMSIZE, UnsupportedDtype, dtype_name
 from p2pmodel.errors import P2PModelError
 
 __all__ = [
@@ -66,45 +67,9 @@ class InvalidObject(LineageError):
         super().__init__(f"{where} is not a valid lineage object: {reason}")
 
 
-class UnsupportedDtype(LineageError):
-    """A tensor whose dtype has no safetensors name we store."""
-
-    def __init__(self, dtype: object):
-        self.dtype = dtype
-        super().__init__(f"tensor dtype {dtype} cannot be stored (supported: {', '.join(DTYPES)})")
-
-
-# safetensors dtype names -> torch dtypes; element sizes come from torch.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-_ITEMSIZE: dict[str, int] = {k: v.itemsize for k, v in DTYPES.items()}
 _ALIGN = 8  # largest element size; tensor headers are padded to it
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_HEADER = 4096
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype. Raises UnsupportedDtype."""
-    try:
-        return _NAMES[dtype]
-    except KeyError:
-        raise UnsupportedDtype(dtype) from None
 
 
 def encode_tensor_header(dtype: str, shape: Iterable[int]) -> bytes:
@@ -175,7 +140,7 @@ def parse_header(data: bytes | bytearray | memoryview, oid: str | None = None) -
             raise InvalidObject(oid, "malformed shape") from None
         if any(d < 0 for d in shape) or encode_tensor_header(dtype, shape) != header:
             raise InvalidObject(oid, "non-canonical tensor header")
-        if math.prod(shape) * _ITEMSIZE[dtype] != body:
+        if math.prod(shape) * ITEMSIZE[dtype] != body:
             raise InvalidObject(oid, f"body is {body} bytes, header says {dtype} {list(shape)}")
         return kind, {"dtype": dtype, "shape": shape}, len(header)
     if kind in ("file", "version") and len(fields) == 2:
@@ -288,7 +253,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * _ITEMSIZE[self.dtype]
+        return self.numel * ITEMSIZE[self.dtype]
 
     def _pack(self) -> list:
         return [self.oid, self.dtype, list(self.shape)]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import tempfile
 import threading
 import time as _time
 from contextlib import contextmanager
@@ -30,6 +29,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
+from p2pmodel.atomic import atomic_write, fsync_dir
+from p2pmodel.dtypes import dtype_name
 from p2pmodel.lineage.index import ANY, Index, VersionInfo
 from p2pmodel.lineage.maintenance import GcReport, RepairReport, VerifyReport, gc, repair, verify
 from p2pmodel.lineage.objects import (
@@ -41,7 +42,6 @@ from p2pmodel.lineage.objects import (
     Version,
     check_object,
     decode_tensor,
-    dtype_name,
     encode_file,
     encode_tensor_header,
     parse_header,
@@ -66,8 +66,6 @@ __all__ = [
     "RepositoryNotFound",
     "RepositoryExists",
 ]
-
-_TMP_PREFIX = ".tmp-"
 
 
 def _needed(needed_by: str | None) -> str:
@@ -167,13 +165,8 @@ class LineageStore:
         return os.path.join(self.objects_dir, oid[:2], oid[2:])
 
     def _fsync_dir(self, path: str) -> None:
-        if not self.durable:
-            return
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.durable:
+            fsync_dir(path)
 
     def _write(self, oid: str, chunks: Iterable[Any], size: int) -> bool:
         """Store canonical bytes atomically under `oid`; False if a whole, intact copy was already there.
@@ -193,21 +186,8 @@ class LineageStore:
         if not os.path.isdir(folder):
             os.makedirs(folder, exist_ok=True)
             self._sync_later(self.objects_dir)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
-                if self.durable:
-                    os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        # mode 0600 as before (objects were written through mkstemp); folders are synced in batches
+        atomic_write(final, chunks, mode=0o600, durable=self.durable, sync_dir=False)
         self._sync_later(folder)
         return True
 
