@@ -6,32 +6,43 @@ them to poll the DHT. What a record means, and which records to push to whom, is
 caller (`RoundRunner`); this module only frames, sends, bounds, checks signatures and hands over.
 The DHT stays the source of truth (discovery, late joiners, peers that missed a push).
 
-Wire format (one frame per stream, integers big-endian)::
+Wire format (frames on a long-lived stream, integers big-endian)::
 
     request:  MAGIC "P2PMREC1" (8 bytes) | flags (u8) | count (u16) | records
     records:  count x [ length (u32) | envelope ]                       (flags = 0)
               packed length (u32) | zlib(count x [ length | envelope ])   (flags = 1, COMPRESSED)
-    response: status (u8, `PushStatus`), then the stream closes
+    response: status (u8, `PushStatus`); after OK the stream stays open for the next frame,
+              after any refusal the receiver closes it
 
 Bounds apply to the uncompressed frame, so inflating never yields more than `max_frame_bytes`.
 
 The receiver answers as soon as the frame is read (before checking the envelopes); a sender that
 gets no OK keeps the records queued and retries later with backoff.
 
+Why long-lived streams: opening a libp2p stream (multistream-select, yamux, p2pd's socket) costs
+about 1 kB on the wire, more than the records it carries; a round pushes a few records to each
+peer, so one stream per peer, reused, is most of the control-traffic budget saved
+(scripts/bench_control). The receiver closes a stream idle for `stream_idle_timeout`; a sender
+whose reused stream turns out closed sends the frame once more on a new one (the receiver drops
+the duplicate if the first copy did arrive).
+
 Sending: `push(envelope)` queues the envelope for every current target (`targets()`, libp2p ids)
 and returns at once. Each peer has its own ordered queue drained by a short-lived task, so a slow
 or dead peer never delays the others; records queued while a push is in flight (or within
-`linger` seconds) travel together in one frame. At most `max_concurrent_pushes` streams are open
-at once; each has `push_timeout` seconds. A record that could not be delivered within
-`max_record_age` seconds is dropped (the DHT still has it). Failures are logged at debug level
-and counted (`stats()`).
+`linger` seconds) travel together in one frame. At most `max_concurrent_pushes` frames are in
+flight at once, one per peer's stream; each has `push_timeout` seconds. At most `max_links`
+streams are kept open (the least recently used is closed). A record that could not be delivered
+within `max_record_age` seconds is dropped (the DHT still has it). Failures are logged at debug
+level and counted (`stats()`).
 
 Receiving, for untrusted input: a frame is bounded in bytes (`max_frame_bytes`), in records
-(`max_records_per_frame`) and per record (`max_record_bytes`), and must arrive within
-`read_timeout`. Each sender (its libp2p id, authenticated by the connection) has a token bucket of
-bytes and records per second and at most `max_streams_per_sender` streams at once: a flooding
-peer is answered RATE_LIMITED or BUSY without its frame being read, and the others are served as
-before. Every envelope goes through the record check the DHT applies (`check(signer, envelope)`,
+(`max_records_per_frame`) and per record (`max_record_bytes`), and once its header arrived the
+rest must arrive within `read_timeout`. Each sender (its libp2p id, authenticated by the
+connection) has a token bucket of bytes and records per second and at most
+`max_streams_per_sender` streams open at once (`max_concurrent_serves` in all): a flooding peer is
+answered RATE_LIMITED or BUSY without its frame being read, and the others are served as before.
+A stream's records are delivered in order by one task per stream, so a slow delivery never stops
+the stream from being read (the sender's budget bounds the backlog). Every envelope goes through the record check the DHT applies (`check(signer, envelope)`,
 by default `Transport.validator.check`, else `open_signed`) before `deliver(signer, envelope)`.
 Malformed frames raise `FrameError` internally, are counted by reason, and never reach the node.
 
@@ -70,13 +81,15 @@ __all__ = [
     "decode_frame",
     "read_frame",
     "split_frames",
+    "HEADER_SIZE",
 ]
 
 logger = get_logger(__name__)
 
-GOSSIP_PROTOCOL = "/p2pmodel/records/1"
+GOSSIP_PROTOCOL = "/p2pmodel/records/2"  # /1 took one frame per stream
 MAGIC = b"P2PMREC1"
 _HEADER = struct.Struct(">8sBH")  # magic, flags, record count
+HEADER_SIZE = _HEADER.size
 COMPRESSED = 0x01  # flag: the records follow as one zlib stream, after its length (u32)
 _LENGTH = struct.Struct(">I")  # one record's length
 _STATUS = struct.Struct(">B")
@@ -114,12 +127,14 @@ class GossipLimits:
     max_records_per_frame: int = 64
     max_record_bytes: int | None = None  # None: the transport's max_record_bytes (what the DHT accepts)
     max_frame_bytes: int | None = None  # None: max_record_bytes + 64 KiB (one big record and small ones)
-    read_timeout: float = 10.0  # a receiver waits this long for a whole frame
-    push_timeout: float = 5.0  # a sender gives one stream (open, write, answer) this long
+    read_timeout: float = 10.0  # a receiver waits this long for the rest of a frame once its header came
+    push_timeout: float = 5.0  # a sender gives one frame (stream open if needed, write, answer) this long
     linger: float = 0.05  # a queued record waits this long for others to share its frame
-    max_concurrent_pushes: int = 8  # streams we have open as a sender, in all
-    max_concurrent_serves: int = 64  # streams we serve at once, in all
-    max_streams_per_sender: int = 2  # streams we serve at once for one sender
+    max_concurrent_pushes: int = 8  # frames in flight as a sender, in all
+    max_links: int = 256  # streams a sender keeps open for reuse (one per peer; least recently used closed)
+    stream_idle_timeout: float = 120.0  # a receiver closes a stream that brought no frame for this long
+    max_concurrent_serves: int = 1024  # streams we hold open as a receiver, in all (one per pushing peer)
+    max_streams_per_sender: int = 2  # streams we hold open for one sender
     sender_bytes_per_s: float = 64 * 1024  # each sender's byte budget refills at this rate ...
     sender_burst_bytes: float = 2 * 1024 * 1024  # ... up to this many bytes
     sender_records_per_s: float = 20.0  # each sender's record budget refills at this rate ...
@@ -267,14 +282,23 @@ def decode_frame(data: bytes, *, max_records: int, max_record_bytes: int, max_fr
 
 
 async def read_frame(
-    reader: asyncio.StreamReader, *, max_records: int, max_record_bytes: int, max_frame_bytes: int
+    reader: asyncio.StreamReader,
+    *,
+    max_records: int,
+    max_record_bytes: int,
+    max_frame_bytes: int,
+    header: bytes | None = None,
 ) -> tuple[list[bytes], int]:
     """Read one frame from a stream, checking every bound before reading what it announces.
 
+    `header`: the frame's first `HEADER_SIZE` bytes when the caller already read them (to wait
+    for a frame on an idle stream under another timeout than the frame's own).
     Returns (envelopes, bytes read). Raises FrameError (also for a stream that ends early).
     """
     try:
-        compressed, count = _check_header(await reader.readexactly(_HEADER.size), max_records)
+        if header is None:
+            header = await reader.readexactly(_HEADER.size)
+        compressed, count = _check_header(header, max_records)
         if compressed:
             (packed_len,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
             _check_packed_length(packed_len, max_frame_bytes)
@@ -326,6 +350,22 @@ class _PeerQueue:
         self.retry_at = 0.0
 
 
+class _Link:
+    """Our long-lived push stream to one peer; one frame at a time goes over it."""
+
+    __slots__ = ("reader", "writer", "lock")
+
+    def __init__(self) -> None:
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.lock = asyncio.Lock()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
 # ------------------------------------------------------------------------------------ gossip
 
 
@@ -361,6 +401,8 @@ class Gossip:
         self.rejected: dict[str, int] = defaultdict(int)  # reason -> frames or records refused
         self._me = transport.peer_id.to_base58()
         self._queues: dict[str, _PeerQueue] = {}
+        self._links: OrderedDict[str, _Link] = OrderedDict()  # libp2p id -> our open push stream
+        self._deliveries: set[asyncio.Task] = set()  # per-stream delivery chains (see _serve)
         self._push_slots = asyncio.Semaphore(limits.max_concurrent_pushes)
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._serving = 0
@@ -394,6 +436,11 @@ class Gossip:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._queues.clear()
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        for t in list(self._deliveries):
+            t.cancel()
         if self._started:
             await self.transport.remove_stream_handler(GOSSIP_PROTOCOL)
 
@@ -494,17 +541,51 @@ class Gossip:
         return True
 
     async def _send_frame(self, peer: str, frame: bytes) -> PushStatus:
-        reader, writer = await self.transport.open_stream(peer, GOSSIP_PROTOCOL)
-        try:
-            writer.write(frame)
-            await writer.drain()
-            (raw,) = _STATUS.unpack(await reader.readexactly(_STATUS.size))
-            try:
-                return PushStatus(raw)
-            except ValueError:
-                raise TransportError(f"unknown push status {raw}") from None
-        finally:
-            writer.close()
+        """Send one frame on our stream to `peer` (opened if needed) and read the answer."""
+        link = self._links.get(peer)
+        if link is None:
+            link = self._links[peer] = _Link()
+            self._close_idle_links()
+        self._links.move_to_end(peer)
+        async with link.lock:
+            for _ in range(2):
+                reused = link.writer is not None
+                if not reused:
+                    link.reader, link.writer = await self.transport.open_stream(peer, GOSSIP_PROTOCOL)
+                    self.counts["push_streams"] += 1
+                assert link.reader is not None and link.writer is not None
+                try:
+                    link.writer.write(frame)
+                    await link.writer.drain()
+                    (raw,) = _STATUS.unpack(await link.reader.readexactly(_STATUS.size))
+                except (ConnectionError, OSError, asyncio.IncompleteReadError):
+                    link.close()
+                    if reused:  # the receiver closed it while idle: once more, on a new stream
+                        self.counts["push_stream_reopened"] += 1
+                        continue
+                    raise
+                except BaseException:  # cancelled mid-frame (push timeout): the stream's state is unknown
+                    link.close()
+                    raise
+                try:
+                    status = PushStatus(raw)
+                except ValueError:
+                    link.close()
+                    raise TransportError(f"unknown push status {raw}") from None
+                if status is not PushStatus.OK:
+                    link.close()  # the receiver closes the stream after a refusal
+                return status
+        raise TransportError("push stream closed twice")  # pragma: no cover - the loop returns or raises
+
+    def _close_idle_links(self) -> None:
+        """Keep at most `max_links` streams open: close the least recently used idle ones."""
+        for peer in list(self._links):
+            if len(self._links) <= self.limits.max_links:
+                return
+            link = self._links[peer]
+            if not link.lock.locked():
+                link.close()
+                del self._links[peer]
 
     # ---------------------------------------------------------------------------------- receiving
 
@@ -529,62 +610,86 @@ class Gossip:
             writer.close()
 
     async def _serve(self, sender: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read frames from one stream until the sender closes it, it idles, or it breaks a bound."""
         if self._serving >= self.limits.max_concurrent_serves or self._serving_by.get(sender, 0) >= self.limits.max_streams_per_sender:
             self.rejected["busy"] += 1
             await self._answer(writer, PushStatus.BUSY)
             return
-        bucket = self._bucket(sender, time.monotonic())
-        if bucket.exhausted:
-            self.rejected["rate_limited"] += 1
-            await self._answer(writer, PushStatus.RATE_LIMITED)
-            return
         self._serving += 1
         self._serving_by[sender] += 1
+        delivering: asyncio.Task | None = None  # the previous frame's delivery: records stay in order
         try:
-            try:
-                envelopes, nbytes = await asyncio.wait_for(
-                    read_frame(
-                        reader,
-                        max_records=self.limits.max_records_per_frame,
-                        max_record_bytes=self.max_record_bytes,
-                        max_frame_bytes=self.max_frame_bytes,
-                    ),
-                    self.limits.read_timeout,
-                )
-            except FrameError as e:
-                self.rejected[e.reason] += 1
-                logger.debug("bad record frame", sender=sender[-12:], error=str(e))
-                await self._answer(writer, PushStatus.BAD_FRAME)
-                return
-            except asyncio.TimeoutError:
-                self.rejected["timeout"] += 1
-                await self._answer(writer, PushStatus.BAD_FRAME)
-                return
-            except (ConnectionError, OSError):
-                self.rejected["connection"] += 1
-                writer.close()
-                return
-            bucket.bytes -= nbytes
-            bucket.records -= len(envelopes)
-            self.transport.counters.received("gossip", nbytes)
-            self.counts["frames_received"] += 1
-            await self._answer(writer, PushStatus.OK)
+            while not self._closed:
+                try:
+                    header = await asyncio.wait_for(reader.readexactly(HEADER_SIZE), self.limits.stream_idle_timeout)
+                except asyncio.IncompleteReadError as e:
+                    if e.partial:
+                        self.rejected["truncated"] += 1
+                    writer.close()  # closed between frames: the sender is done with it
+                    return
+                except (asyncio.TimeoutError, ConnectionError, OSError):
+                    writer.close()  # idle: the sender opens a new stream when it has records
+                    return
+                bucket = self._bucket(sender, time.monotonic())
+                if bucket.exhausted:
+                    self.rejected["rate_limited"] += 1
+                    await self._answer(writer, PushStatus.RATE_LIMITED)
+                    return
+                try:
+                    envelopes, nbytes = await asyncio.wait_for(
+                        read_frame(
+                            reader,
+                            max_records=self.limits.max_records_per_frame,
+                            max_record_bytes=self.max_record_bytes,
+                            max_frame_bytes=self.max_frame_bytes,
+                            header=header,
+                        ),
+                        self.limits.read_timeout,
+                    )
+                except FrameError as e:
+                    self.rejected[e.reason] += 1
+                    logger.debug("bad record frame", sender=sender[-12:], error=str(e))
+                    await self._answer(writer, PushStatus.BAD_FRAME)
+                    return
+                except asyncio.TimeoutError:
+                    self.rejected["timeout"] += 1
+                    await self._answer(writer, PushStatus.BAD_FRAME)
+                    return
+                except (ConnectionError, OSError):
+                    self.rejected["connection"] += 1
+                    writer.close()
+                    return
+                bucket.bytes -= nbytes
+                bucket.records -= len(envelopes)
+                self.transport.counters.received("gossip", nbytes)
+                self.counts["frames_received"] += 1
+                if not await self._answer(writer, PushStatus.OK, close=False):
+                    return
+                delivering = asyncio.create_task(self._accept_all(sender, envelopes, delivering))
+                self._deliveries.add(delivering)
+                delivering.add_done_callback(self._deliveries.discard)
         finally:
             self._serving -= 1
             self._serving_by[sender] -= 1
             if not self._serving_by[sender]:
                 del self._serving_by[sender]
+
+    async def _accept_all(self, sender: str, envelopes: list[bytes], after: asyncio.Task | None) -> None:
+        if after is not None:
+            await asyncio.wait([after])
         for env in envelopes:
             await self._accept(sender, env)
 
-    async def _answer(self, writer: asyncio.StreamWriter, status: PushStatus) -> None:
+    async def _answer(self, writer: asyncio.StreamWriter, status: PushStatus, *, close: bool = True) -> bool:
+        """Write `status`; close the stream if asked or if it broke. True if the stream is still open."""
         try:
             writer.write(_STATUS.pack(status))
             await writer.drain()
         except (ConnectionError, OSError):
-            pass  # the sender went away; nothing to tell it
-        finally:
+            close = True  # the sender went away; nothing to tell it
+        if close:
             writer.close()
+        return not close
 
     async def _accept(self, sender: str, envelope: bytes) -> None:
         digest = hashlib.sha256(envelope).digest()

@@ -18,6 +18,7 @@ The rest runs real p2pd daemons on 127.0.0.1, with the node's own record check:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import struct
 import time
@@ -229,6 +230,43 @@ async def test_records_queued_together_share_one_frame(peers):
     await _eventually(lambda: all((me.peer_id, e) in c.got for e in envs), what="five pushed records")
     assert c.gossip.counts["frames_received"] - frames_before == 1
     assert [e for s, e in c.got if s == me.peer_id] == envs  # in the order they were pushed
+
+
+@live
+async def test_pushes_to_one_peer_reuse_one_stream(peers):
+    a, b, _ = peers
+    me = PeerIdentity.generate()
+    opened, frames = a.gossip.counts["push_streams"], b.gossip.counts["frames_received"]
+    for r in range(4):  # one frame each: each waits until the previous one arrived
+        env = _departure(me, r)
+        a.gossip.push(env, [b.id])
+        await _eventually(lambda env=env: (me.peer_id, env) in b.got, what=f"pushed record {r}")
+    assert b.gossip.counts["frames_received"] - frames == 4
+    assert a.gossip.counts["push_streams"] - opened <= 1  # opened once (or already open), then reused
+
+
+@live
+async def test_a_stream_the_receiver_closed_while_idle_is_reopened_and_nothing_is_lost(peers):
+    a, b, _ = peers
+    me = PeerIdentity.generate()
+    first = _departure(me, 1)
+    a.gossip.push(first, [b.id])
+    await _eventually(lambda: (me.peer_id, first) in b.got, what="the first record")
+    b.gossip.limits = dataclasses.replace(RECEIVER, stream_idle_timeout=0.2)
+    try:
+        # the open stream idles out at the receiver (one more frame resets its wait first)
+        nudge = _departure(me, 2)
+        a.gossip.push(nudge, [b.id])
+        await _eventually(lambda: (me.peer_id, nudge) in b.got, what="the nudge")
+        await _eventually(lambda: a.id not in b.gossip._serving_by, what="the receiver closing the idle stream")
+    finally:
+        b.gossip.limits = RECEIVER
+    reopened = a.gossip.counts["push_stream_reopened"] + a.gossip.counts["push_streams"]
+    second = _departure(me, 3)
+    a.gossip.push(second, [b.id])
+    await _eventually(lambda: (me.peer_id, second) in b.got, what="the record after the stream closed")
+    assert a.gossip.counts["push_stream_reopened"] + a.gossip.counts["push_streams"] > reopened
+    assert [e for s, e in b.got if s == me.peer_id] == [first, nudge, second]
 
 
 async def _raw_push(sender: Peer, receiver: Peer, data: bytes, *, answer: bool = True) -> PushStatus | None:
