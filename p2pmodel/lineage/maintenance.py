@@ -21,16 +21,37 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 from p2pmodel.atomic import TMP_PREFIX
+from p2pmodel.lineage.index import Index
 from p2pmodel.lineage.objects import _HEX64, InvalidObject, LineageError, Version, check_object, parse_header
 
-if TYPE_CHECKING:
-    from p2pmodel.lineage.store import LineageStore
-
 __all__ = ["verify", "repair", "gc", "iter_object_files", "Problem", "VerifyReport", "RepairReport", "GcReport", "GcRefused"]
+
+
+class Store(Protocol):
+    """What these functions need of a `LineageStore`.
+
+    `store.py` imports this module (its `verify`, `repair` and `gc` methods call it), so this
+    module names the store's members instead of importing it: the dependency runs one way.
+    `_lock` and `_path` are the store's private locking and object layout; maintenance is the
+    store's own back office.
+    """
+
+    objects_dir: str
+    index: Index
+
+    def _lock(self, exclusive: bool = False) -> AbstractContextManager[None]: ...
+    def _path(self, oid: str) -> str: ...
+    def has_object(self, oid: str) -> bool: ...
+    def has_intact_object(self, oid: str) -> bool: ...
+    def read_object(self, oid: str, needed_by: str | None = None) -> bytes: ...
+    def write_object(self, oid: str, data: bytes) -> None: ...
+    def get_version(self, ref: str) -> Version: ...
+    def verify(self) -> VerifyReport: ...
 
 
 class GcRefused(LineageError):
@@ -82,7 +103,7 @@ class GcReport:
     kept_objects: int = 0
 
 
-def iter_object_files(store: "LineageStore") -> Iterator[tuple[str, str]]:
+def iter_object_files(store: Store) -> Iterator[tuple[str, str]]:
     """(name, path) of every file under objects/; name is the oid for well-named files."""
     try:
         folders = sorted(os.scandir(store.objects_dir), key=lambda e: e.name)
@@ -96,7 +117,7 @@ def iter_object_files(store: "LineageStore") -> Iterator[tuple[str, str]]:
             yield folder.name + entry.name if not entry.name.startswith(TMP_PREFIX) else entry.name, entry.path
 
 
-def verify(store: "LineageStore") -> VerifyReport:
+def verify(store: Store) -> VerifyReport:
     """Check the whole repository; see the module docstring."""
     report = VerifyReport()
     problems: dict[tuple[str, str], tuple[set[str], str]] = {}
@@ -190,7 +211,7 @@ class RepairReport:
     after: VerifyReport = field(default_factory=VerifyReport)
 
 
-def repair(store: "LineageStore", sources: "list[LineageStore]") -> RepairReport:
+def repair(store: Store, sources: list[Store]) -> RepairReport:
     """Restore every missing or corrupt object that an intact copy in `sources` can replace.
 
     Index problems and foreign files are left for the user (they are not objects a copy can
@@ -214,7 +235,7 @@ def repair(store: "LineageStore", sources: "list[LineageStore]") -> RepairReport
     return report
 
 
-def _reachable(store: "LineageStore") -> tuple[set[str], set[str]]:
+def _reachable(store: Store) -> tuple[set[str], set[str]]:
     """(reachable version ids, every object id they need, records included). Raises GcRefused."""
     versions: set[str] = set()
     for target in set(store.index.refs().values()):
@@ -229,7 +250,7 @@ def _reachable(store: "LineageStore") -> tuple[set[str], set[str]]:
     return versions, objects
 
 
-def gc(store: "LineageStore", grace_s: float = 0.0) -> GcReport:
+def gc(store: Store, grace_s: float = 0.0) -> GcReport:
     """Remove what no ref reaches: index rows of unreachable versions, then their objects.
 
     Objects modified less than `grace_s` seconds ago are kept (for writers that stage
