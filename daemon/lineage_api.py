@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from p2pmodel.credits import leaderboard
+from p2pmodel.credits import leaderboard, observed_of
 
 if TYPE_CHECKING:  # the lineage imports torch: `p2pmodel status` imports this module and stays fast
     from p2pmodel.lineage import LineageStore
@@ -157,10 +157,15 @@ class LineageApi:
         return {"branch": store.head_branch(), "head": infos[0].id if infos else None,
                 "versions": rows, "truncated": len(infos) > limit, "limit": limit}
 
-    def credits(self, limit: int) -> dict[str, Any]:
-        infos = self._log(limit + 1)
-        board = leaderboard(self._summary(i.id) for i in infos[:limit])
-        return {"peers": [c.to_json() for c in board], "versions": min(len(infos), limit), "truncated": len(infos) > limit}
+    def credits(self, limit: int | None) -> dict[str, Any]:
+        """The leaderboard over the newest `limit` versions of HEAD's branch (None: all of them),
+        with the names and samples this node saw announced (see p2pmodel/credits.py)."""
+        infos = self._log(None if limit is None else limit + 1)
+        counted = infos if limit is None else infos[:limit]
+        observed = {i.id: observed_of(self._store.annotations(i.id).certificate) for i in counted}
+        board = leaderboard((self._summary(i.id) for i in counted), observed)
+        return {"branch": self._store.head_branch(), "peers": [c.to_json() for c in board], "versions": len(counted),
+                "truncated": len(counted) < len(infos), "limit": limit}
 
     def version(self, vid: str) -> dict[str, Any]:
         s = self._summary(vid)
@@ -206,7 +211,7 @@ class LineageApi:
 
     # ---------------------------------------------------------------------------- helpers
 
-    def _log(self, limit: int) -> list:
+    def _log(self, limit: int | None) -> list:
         from p2pmodel.lineage import RefNotFound
 
         try:

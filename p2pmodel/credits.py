@@ -1,4 +1,4 @@
-"""Credits: what each peer's work did for the lineage, computed from version records alone.
+"""Credits: what each peer's work did for the lineage, computed from version records (pure).
 
 A committed round's version records its merge spec (see `p2pmodel.versioning`):
 
@@ -9,6 +9,19 @@ A committed round's version records its merge spec (see `p2pmodel.versioning`):
 `leaderboard(versions)` sums these per peer. It reads nothing but the records it is given, so
 every peer that holds the same versions computes the same board, and it is a pure function the
 dashboard, a `credits` command and the tests share.
+
+Two things a version record cannot hold are what each peer *announced*: its display name
+(`join --name`) and the samples behind a delta that was screened out or came too late. A node
+keeps them beside each version it committed, in the certificate annotation (not hashed, not part
+of the quorum certificate: every peer saw its own), signed by each peer itself when received:
+
+    certificate["observed"]["names"]    {peer: name}     display names the round's peers announced
+    certificate["observed"]["samples"]  {peer: samples}  samples behind each peer's delta of the round
+
+`leaderboard(versions, observed)` takes these per version id. Samples trained are the announced
+samples where this node saw the announcement, else the merged weight (a lower bound: the
+proposer caps weights); a name is the one of the newest round that recorded one, made safe to
+show (`p2pmodel.peers.display_name`). Names are self-chosen and not unique: show the peer id too.
 """
 
 from __future__ import annotations
@@ -18,7 +31,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["CreditedVersion", "PeerCredit", "leaderboard"]
+from p2pmodel.peers import display_name
+
+__all__ = ["CreditedVersion", "PeerCredit", "leaderboard", "observed_of"]
 
 
 class CreditedVersion(Protocol):
@@ -45,6 +60,8 @@ class PeerCredit:
     deltas_excluded: int  # deltas the proposer left out (rejected at fetch, cooling-off offenders)
     versions_proposed: int  # committed versions this peer proposed (their author)
     last_round: int | None  # latest round in which a delta of this peer was merged
+    samples_trained: float = 0.0  # samples it announced for committed rounds (merged weight where unseen)
+    name: str | None = None  # display name it announced for itself (sanitised), if any
 
     @property
     def deltas_rejected(self) -> int:
@@ -53,6 +70,8 @@ class PeerCredit:
     def to_json(self) -> dict[str, Any]:
         return {
             "peer": self.peer,
+            "name": self.name,
+            "samples_trained": self.samples_trained,
             "samples_merged": self.samples_merged,
             "deltas_accepted": self.deltas_accepted,
             "deltas_screened": self.deltas_screened,
@@ -70,13 +89,35 @@ def _peers(entries: Any) -> list[str]:
     return [e[0] for e in entries if isinstance(e, (list, tuple)) and e and isinstance(e[0], str)]
 
 
-def leaderboard(versions: Iterable[CreditedVersion]) -> list[PeerCredit]:
+def observed_of(certificate: Any) -> Any:
+    """The `observed` part of a version's certificate annotation (None when it has none)."""
+    return certificate.get("observed") if isinstance(certificate, Mapping) else None
+
+
+def _count(x: Any) -> float | None:
+    # a weight or sample count that is not a finite count (a forged record) credits nothing
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 else None
+
+
+def _observed(notes: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """(names, samples) of a version's `certificate["observed"]`; malformed entries are left out."""
+    if not isinstance(notes, Mapping):
+        return {}, {}
+    names, samples = notes.get("names"), notes.get("samples")
+    names = {p: n for p, n in names.items() if isinstance(p, str)} if isinstance(names, Mapping) else {}
+    samples = {p: _count(n) for p, n in samples.items() if isinstance(p, str) and _count(n) is not None} if isinstance(samples, Mapping) else {}
+    return names, samples
+
+
+def leaderboard(versions: Iterable[CreditedVersion], observed: Mapping[str, Any] | None = None) -> list[PeerCredit]:
     """Per-peer credits over `versions`, best first.
 
     Args:
         versions: version records in any order; one seen twice (same id) counts once. Versions
             without a merge spec (local commits, the seed) credit only their author's proposals
             if they have a round.
+        observed: version id -> that version's `certificate["observed"]` (see the module
+            docstring), where this node recorded one; gives names and samples trained.
 
     Returns:
         One `PeerCredit` per peer named anywhere, sorted by samples merged, then deltas
@@ -84,15 +125,18 @@ def leaderboard(versions: Iterable[CreditedVersion]) -> list[PeerCredit]:
     """
     seen: set[str] = set()
     acc: dict[str, dict[str, Any]] = {}
+    names: dict[str, tuple[int, str]] = {}  # peer -> (round it was recorded in, name)
+    observed = observed or {}
 
     def row(peer: str) -> dict[str, Any]:
-        return acc.setdefault(peer, {"samples": 0.0, "accepted": 0, "screened": 0, "excluded": 0, "proposed": 0, "last": None})
+        return acc.setdefault(peer, {"samples": 0.0, "trained": 0.0, "accepted": 0, "screened": 0, "excluded": 0, "proposed": 0, "last": None})
 
     for v in versions:
         if v.id in seen:
             continue
         seen.add(v.id)
         merge = v.merge or {}
+        seen_names, seen_samples = _observed(observed.get(v.id))
         if v.round is not None and merge and v.author:
             row(v.author)["proposed"] += 1
         for entry in merge.get("deltas", ()) or ():
@@ -100,18 +144,25 @@ def leaderboard(versions: Iterable[CreditedVersion]) -> list[PeerCredit]:
                 continue
             r = row(entry[0])
             r["accepted"] += 1
-            weight = entry[2]
-            # a weight that is not a finite count (a forged record) credits nothing
-            ok = isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0
-            r["samples"] += float(weight) if ok else 0.0
+            weight = _count(entry[2]) or 0.0
+            r["samples"] += weight
+            if entry[0] not in seen_samples:
+                r["trained"] += weight  # we did not see its announcement: the merged weight is a lower bound
             if v.round is not None and (r["last"] is None or v.round > r["last"]):
                 r["last"] = v.round
+        for peer, n in seen_samples.items():
+            row(peer)["trained"] += n
+        for peer, raw in seen_names.items():
+            name, at = display_name(raw), v.round if v.round is not None else -1
+            if name and (peer not in names or at >= names[peer][0]):
+                names[peer] = (at, name)
         for peer in _peers(merge.get("screened")):
             row(peer)["screened"] += 1
         for peer in _peers(merge.get("excluded")):
             row(peer)["excluded"] += 1
     board = [
-        PeerCredit(peer, r["samples"], r["accepted"], r["screened"], r["excluded"], r["proposed"], r["last"])
+        PeerCredit(peer, r["samples"], r["accepted"], r["screened"], r["excluded"], r["proposed"], r["last"],
+                   samples_trained=r["trained"], name=names[peer][1] if peer in names else None)
         for peer, r in acc.items()
     ]
     board.sort(key=lambda c: (-c.samples_merged, -c.deltas_accepted, c.peer))

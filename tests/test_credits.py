@@ -4,14 +4,22 @@ Guarantees: merged deltas count as accepted and their weights as samples merged;
 excluded deltas count as rejected, never as samples; a version seen twice counts once; the
 board is sorted best first; records without a merge spec credit no deltas; malformed entries
 (a forged record) credit nobody and do not raise.
+
+What the node saw announced beside each version (`certificate["observed"]`): samples trained
+are the announced samples (screened and late deltas included), else the merged weight; a
+peer's display name is the newest one recorded, made safe to show; a malformed record of what
+was observed credits nothing and names nobody.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
-from p2pmodel.credits import PeerCredit, leaderboard
+import pytest
+
+from p2pmodel.credits import PeerCredit, leaderboard, observed_of
 from p2pmodel.lineage import Version
 
 
@@ -88,5 +96,111 @@ def test_malformed_entries_credit_nobody():
 
 def test_json_form_names_every_count():
     row = leaderboard([version(1, deltas=[("a", "h1", 2)], screened=[("a", "cosine")])])[0].to_json()
-    assert row == {"peer": "a", "samples_merged": 2.0, "deltas_accepted": 1, "deltas_screened": 1,
-                   "deltas_excluded": 0, "deltas_rejected": 1, "versions_proposed": 0, "last_round": 1}
+    assert row == {"peer": "a", "name": None, "samples_trained": 2.0, "samples_merged": 2.0, "deltas_accepted": 1,
+                   "deltas_screened": 1, "deltas_excluded": 0, "deltas_rejected": 1, "versions_proposed": 0, "last_round": 1}
+
+
+def test_samples_trained_are_what_peers_announced_screened_deltas_included():
+    v = version(1, deltas=[("a", "h1", 64), ("b", "h2", 32)], screened=[("liar", "cosine")], author="a")
+    board = by_peer(leaderboard([v], {v.id: {"samples": {"a": 100, "b": 32, "liar": 50, "late": 10}}}))
+    assert {p: c.samples_trained for p, c in board.items()} == {"a": 100.0, "b": 32.0, "liar": 50.0, "late": 10.0}
+    assert (board["a"].samples_merged, board["liar"].samples_merged, board["late"].deltas_accepted) == (64.0, 0.0, 0)
+
+
+def test_without_an_observed_announcement_the_merged_weight_counts_as_trained():
+    v1 = version(1, deltas=[("a", "h1", 64)])
+    v2 = version(2, deltas=[("a", "h2", 16)])
+    board = by_peer(leaderboard([v1, v2], {v2.id: {"samples": {"a": 20}}}))
+    assert board["a"].samples_trained == 84.0
+
+
+def test_a_peer_is_named_by_its_newest_recorded_name_made_safe():
+    v1 = version(1, deltas=[("a", "h1", 1)])
+    v2 = version(2, deltas=[("a", "h2", 1)], parent=v1.id)
+    board = by_peer(leaderboard([v2, v1], {v1.id: {"names": {"a": "old"}}, v2.id: {"names": {"a": "new\x1b[31m"}}}))
+    assert board["a"].name == "new [31m"
+
+
+def test_names_alone_create_no_rows():
+    v = version(1, deltas=[("a", "h1", 1)], author="a")
+    assert [c.peer for c in leaderboard([v], {v.id: {"names": {"a": "alice", "ghost": "boo"}}})] == ["a"]
+
+
+@pytest.mark.parametrize("observed", [
+    "not a mapping", {"names": ["a"], "samples": 5}, {"names": {"a": 7}, "samples": {"a": float("nan"), 3: 1}},
+    {"samples": {"a": -5}}, {"samples": {"a": True}},
+])
+def test_a_malformed_observed_record_credits_nothing_and_names_nobody(observed):
+    v = version(1, deltas=[("a", "h1", 8)], author="a")
+    (row,) = leaderboard([v], {v.id: observed})
+    assert (row.peer, row.samples_trained, row.name) == ("a", 8.0, None)
+
+
+def test_observed_of_reads_a_certificate_annotation():
+    assert observed_of({"votes": [], "observed": {"names": {}}}) == {"names": {}}
+    assert observed_of(None) is None and observed_of({"votes": []}) is None
+
+
+# ------------------------------------------------------------------------------ `p2pmodel credits`
+
+ALICE, BOB, LIAR = "a1" * 20, "b2" * 20, "ee" * 20
+
+
+@pytest.fixture
+def lineage(tmp_path):
+    """A node's home: a seed and two rounds, with what the node saw announced beside each."""
+    import torch
+
+    from p2pmodel.lineage import LineageStore
+
+    home = tmp_path / "home"
+    with LineageStore.init(home / "lineage") as store:
+        vid = store.commit({"w": torch.zeros(2)}, message="seed", time=0.0, author="seed").id
+        for r, screened in ((1, []), (2, [[LIAR, "cosine -0.8 < 0.3"]])):
+            merge = {"method": "linear", "params": {}, "deltas": [[ALICE, "a" * 64, 64], [BOB, "b" * 64, 32]],
+                     "members": [ALICE, BOB, LIAR], **({"screened": screened} if screened else {})}
+            vid = store.commit({"w": torch.full((2,), float(r))}, parents=[vid], message=f"round {r}", time=float(r),
+                               author=ALICE, round=r, merge=merge, contributors=(ALICE, BOB)).id
+            names = {ALICE: "alice", LIAR: "\x1b[2Jtotally-bob"}
+            store.annotate(vid, certificate={"round": r, "votes": [], "observed": {"names": names, "samples": {ALICE: 70, BOB: 32, LIAR: 64}}})
+    return home
+
+
+def credits(*argv):
+    from p2pmodel.cli import main
+
+    return main(["credits", *map(str, argv)])
+
+
+def test_the_command_prints_each_peer_with_its_name_samples_and_deltas(lineage, capsys):
+    assert credits("--home", lineage) == 0
+    out = capsys.readouterr().out
+    alice = next(line for line in out.splitlines() if line.strip().startswith(ALICE[:12]))
+    assert alice.split() == [ALICE[:12], "alice", "140", "128", "2", "0", "0", "2", "2"]
+    liar = next(line for line in out.splitlines() if line.strip().startswith(LIAR[:12]))
+    assert "\x1b" not in out and liar.split()[1:4] == ["[2Jtotally-bob", "128", "0"]
+    assert out.splitlines()[0] == "credits over 3 versions of main"
+
+
+def test_the_json_form_is_the_dashboards_leaderboard(lineage, capsys):
+    assert credits("--repo", lineage / "lineage", "--json") == 0
+    board = json.loads(capsys.readouterr().out)
+    assert (board["branch"], board["versions"], board["truncated"]) == ("main", 3, False)
+    rows = {p["peer"]: p for p in board["peers"]}
+    assert rows[BOB] == {"peer": BOB, "name": None, "samples_trained": 64.0, "samples_merged": 64.0, "deltas_accepted": 2,
+                         "deltas_screened": 0, "deltas_excluded": 0, "deltas_rejected": 0, "versions_proposed": 0, "last_round": 2}
+    assert (rows[LIAR]["deltas_screened"], rows[LIAR]["samples_merged"]) == (1, 0.0)
+
+
+def test_limit_counts_only_the_newest_versions(lineage, capsys):
+    assert credits("--home", lineage, "--limit", 1, "--json") == 0
+    board = json.loads(capsys.readouterr().out)
+    assert (board["versions"], board["truncated"]) == (1, True)
+    assert {p["peer"]: p["deltas_accepted"] for p in board["peers"]}[ALICE] == 1
+
+
+def test_a_missing_lineage_is_one_line_and_a_bad_limit_a_usage_error(tmp_path, lineage, capsys):
+    assert credits("--home", tmp_path / "nowhere") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere" in err
+    assert credits("--home", lineage, "--limit", 0) == 2

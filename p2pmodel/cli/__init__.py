@@ -8,6 +8,7 @@ Each module here registers a group of subcommands:
 - `swarm.py`  — join, status, demo
 - `ci.py`     — ci (the CI gate, offline)
 - `dashboard.py` — dashboard (open a running node's web dashboard)
+- `credits.py` — credits (the contributor leaderboard of a lineage or a node)
 
 A subcommand module exposes `register(subparsers)`; each parser sets `func=handler`, where
 `handler(args) -> int` returns the exit code. Errors derived from `P2PModelError` become one
@@ -32,8 +33,8 @@ from p2pmodel.errors import P2PModelError
 
 __all__ = ["main", "build_parser", "find_repo"]
 
-_COMMAND_MODULES = ("repo", "merge", "seed", "swarm", "ci", "dashboard")
-_REPO_MODULES = ("repo", "merge", "seed", "ci")  # their subcommands take --repo after the name too
+_COMMAND_MODULES = ("repo", "merge", "seed", "swarm", "ci", "dashboard", "credits")
+_REPO_MODULES = ("repo", "merge", "seed", "ci", "credits")  # their subcommands take --repo after the name too
 REPO_DIR = ".p2pmodel"
 _REPO_HELP = f"lineage repository folder (default: $P2PMODEL_REPO, else the nearest {REPO_DIR} here or above, else ./{REPO_DIR})"
 
