@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from p2pmodel.errors import UsageError
+from p2pmodel.peers import name_problem
 
 __all__ = [
     "NodeConfig",
@@ -75,6 +76,8 @@ class NodeConfig:
     event: str = _f("", "event manifest (.toml from `p2pmodel seed`, or JSON); empty means the built-in charlm event")
     seeder: str = _f("", "peer id of the swarm's founder (printed in its join line); empty when founding")
     home: str = _f("~/.p2pmodel/node", "folder for this node's identity keys and lineage")
+    name: str = _f("", "display name others see beside your peer id in credits and status (optional; at most 32 "
+                   "printable characters)")
     device: str = _f("auto", "training device: auto (cuda when present), cpu or cuda[:N]")
     host_maddrs: tuple[str, ...] = _f(("/ip4/127.0.0.1/tcp/0",), "multiaddrs p2pd listens on (loopback by default)")
     announce_maddrs: tuple[str, ...] = _f((), "multiaddrs to advertise to others (explicit ports)")
@@ -336,6 +339,9 @@ def check_node_config(config: NodeConfig) -> NodeConfig:
     for flag, ok, reason in rules:
         if not ok:
             raise ConfigError(flag, reason)
+    problem = name_problem(config.name)
+    if problem:
+        raise ConfigError("--name", f"{problem}: {config.name!r}")
     _check_device(config.device)
     return dataclasses.replace(config, log_level=config.log_level.upper())  # `--log-level debug` works too
 

@@ -219,6 +219,7 @@ class Node:
                 request_stop=self.stop,
                 max_rounds=config.max_rounds,
                 shutdown_timeout=config.shutdown_timeout,
+                display_name=config.name,
             )
             self.status_server = await _open_status(self.status, config.status_port, self.store)
             self._closers.append(("status", self.status_server.close))

@@ -52,6 +52,7 @@ from p2pmodel.daemon.transport import FetchError, TransportError, expiration_in
 from p2pmodel.errors import P2PModelError
 from p2pmodel.ci import CIGate, median_metrics, run_gate
 from p2pmodel.lineage import Annotations, LineageError, LineageStore, Version
+from p2pmodel.peers import SwarmView
 from p2pmodel.protocols import round as rm
 from p2pmodel.protocols.codec import CodecConfig, DeltaCodec
 from p2pmodel.protocols.errors import LocalProtocolError, RemoteProtocolError
@@ -182,10 +183,13 @@ class RoundRunner:
         request_stop: Callable[[], None],
         max_rounds: int = 0,
         shutdown_timeout: float = 10.0,
+        display_name: str = "",
     ):
         self.event, self.identity, self.store, self.transport, self.trainer = event, identity, store, transport, trainer
         self.record_error, self.request_stop = record_error, request_stop
         self.max_rounds, self.shutdown_timeout = max_rounds, shutdown_timeout
+        self.display_name = display_name  # announced in our capabilities (`join --name`); checked by config
+        self.swarm = SwarmView()  # every peer we heard of, for the status's `swarm` section
         self.prefix = event.dht_prefix()
         self.codec = DeltaCodec(CodecConfig(**event.codec))
         self.feedback = self.codec.feedback()
@@ -304,13 +308,16 @@ class RoundRunner:
                     await self._note_peer(msg)
 
     async def _note_peer(self, msg: PeerAnnouncement) -> None:
+        self._observe(msg)
         known = self._peers.get(msg.peer_id)
         if known is None or known.libp2p_id != msg.libp2p_id:
             self._peers[msg.peer_id] = _Peer(msg.libp2p_id, tuple(msg.addrs), msg.round)
             if msg.peer_id != self.identity.peer_id and msg.addrs:
                 try:
                     await self.transport.connect(msg.libp2p_id, msg.addrs)
+                    self.swarm.dialed(msg.peer_id, True)
                 except TransportError as e:  # unreachable now; pushes retry, fetches use the DHT's routes
+                    self.swarm.dialed(msg.peer_id, False)
                     warned = self._delivery.warned
                     log = logger.debug if msg.peer_id in warned else logger.warning
                     warned.add(msg.peer_id)
@@ -346,7 +353,7 @@ class RoundRunner:
             libp2p_id=transport.peer_id.to_base58(),
             addrs=tuple((await transport.visible_maddrs())[:16]),
             event_hash=self.event.event_hash(),
-            capabilities=(("device", self.trainer.device),),
+            capabilities=(("device", self.trainer.device),) + ((("name", self.display_name),) if self.display_name else ()),
         )
         self.machine = rm.RoundMachine(peer, self.round_config)
         await self.trainer.start(await asyncio.to_thread(self.store.state_dict, head))
@@ -597,8 +604,20 @@ class RoundRunner:
             self._vote_envelopes[(msg.round, msg.voter)] = value
         elif isinstance(msg, Commit):
             self._note_commit(msg)
+        if not isinstance(msg, PeerAnnouncement):  # _note_peer observed those
+            self._observe(msg)
         self._post(rm.MessageReceived(time.time(), msg, signer))
         return True
+
+    def _observe(self, msg: Message) -> None:
+        """Tell the swarm view what a peer's record (or our own) said: for `status --swarm`."""
+        now = time.time()
+        if isinstance(msg, PeerAnnouncement):
+            self.swarm.announced(msg.peer_id, libp2p_id=msg.libp2p_id, addrs=msg.addrs, capabilities=msg.capabilities, round=msg.round, now=now)
+        elif isinstance(msg, DeltaAnnouncement):
+            self.swarm.delta(msg.peer_id, msg.round, msg.samples, now)
+        elif isinstance(msg, Departure):
+            self.swarm.departed(msg.peer_id, msg.round, now)
 
     # ------------------------------------------------------------------------------ actions
 
@@ -606,6 +625,7 @@ class RoundRunner:
         if isinstance(a, rm.Publish):
             if isinstance(a.message, DeltaAnnouncement):
                 self._announced[a.message.delta_hash] = a.message
+            self._observe(a.message)  # we are a peer of the swarm too
             self._spawn(self._publish(a.message), f"publish {a.message.TYPE}")
         elif isinstance(a, rm.EnterRound):
             self._enter_round(a)
@@ -867,7 +887,8 @@ class RoundRunner:
         store = self.store
         certificate = self._certificate(a.round, a.votes)
         metrics = median_metrics([v.metrics for v in a.votes])
-        ann = Annotations(metrics=metrics, certificate={"round": a.round, "proposal": a.proposal_hash, "votes": list(certificate)})
+        ann = Annotations(metrics=metrics, certificate={"round": a.round, "proposal": a.proposal_hash, "votes": list(certificate),
+                                                        "observed": self._observed(a.round)})
         candidate = self._candidates.pop(a.version_id, None)
         if candidate is not None:
             await asyncio.to_thread(store.put_version, candidate.version, ann, "main")
@@ -883,6 +904,13 @@ class RoundRunner:
         if self.max_rounds and self.rounds_joined >= self.max_rounds:
             logger.info("max rounds reached", rounds=self.rounds_joined)
             self.request_stop()
+
+    def _observed(self, round_: int) -> dict[str, dict]:
+        """What the round's peers announced themselves, as this node received it: their display
+        names and the samples behind their deltas. Kept beside the certificate (not part of it, nor
+        of the version id: each peer saw its own) for `p2pmodel credits`; see p2pmodel/credits.py."""
+        samples = {m.peer_id: m.samples for m in self._announced.values() if m.round == round_}
+        return {"names": self.swarm.names(samples.keys() | set(self.machine.members if self.machine else ())), "samples": samples}
 
     def _record_round(self, a: rm.CommitVersion, version: Version, metrics: dict[str, float]) -> None:
         counters = self.transport.counters
@@ -903,6 +931,7 @@ class RoundRunner:
             t.bytes_sent = counters.total_sent() - self._bytes_mark[0]
             t.bytes_received = counters.total_received() - self._bytes_mark[1]
             entry.update(t.as_dict())
+        self.swarm.merged(a.round, (d[0] for d in (version.merge or {}).get("deltas", ())))
         screened = (version.merge or {}).get("screened", [])
         totals = self.totals
         totals["samples_trained"] += int(entry["samples_trained"] or 0)
@@ -995,6 +1024,7 @@ class RoundRunner:
             },
             "history": self.history[-10:],
             "current_round_times": self.times.as_dict() if self.times is not None else None,
+            "swarm": self.swarm.snapshot(time.time(), me=self.identity.peer_id),
         }
 
 

@@ -5,7 +5,8 @@
   only. Given the node's lineage it also serves the dashboard (`/dashboard/`) and its JSON API
   (`/api/...`, `lineage_api.py`). It is a tiny HTTP/1.1 server on asyncio streams: one request
   per connection, bounded header size and read time.
-- `fetch_status(url)` reads it (blocking; for the CLI), `format_status(state)` renders it;
+- `fetch_status(url)` reads it (blocking; for the CLI), `format_status(state)` renders it and
+  `format_swarm(state)` its `swarm` section (every peer the node heard of: `status --swarm`);
   `status_url_from_home(home)` finds a running node's URL in `HOME/node.json`.
 - `LagMonitor` measures how late the event loop wakes up from a short sleep; its worst value is
   part of the status, so a stalled loop (heavy work left on it) shows up immediately.
@@ -31,6 +32,7 @@ from p2pmodel.daemon.logs import get_logger
 from p2pmodel.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2pmodel.daemon.metrics import render_metrics, status_registry
 from p2pmodel.errors import P2PModelError, UsageError
+from p2pmodel.peers import REACHABILITY, display_name
 
 if TYPE_CHECKING:
     from p2pmodel.lineage import LineageStore
@@ -42,6 +44,7 @@ __all__ = [
     "dashboard_url",
     "fetch_status",
     "format_status",
+    "format_swarm",
     "status_url_from_home",
 ]
 
@@ -298,7 +301,8 @@ def format_status(s: dict[str, Any]) -> str:
             f"{tr.get('samples_per_s', 0):.1f} samples/s"
         )
     peers = s.get("peers") or []
-    lines.append(f"peers    {len(peers)} in the current round")
+    known = (s.get("swarm") or {}).get("known")
+    lines.append(f"peers    {len(peers)} in the current round" + (f", {known} known (status --swarm)" if known is not None else ""))
     for p in peers[:12]:
         lines.append(f"  - {p}")
     counters = s.get("bytes") or {}
@@ -314,4 +318,60 @@ def format_status(s: dict[str, Any]) -> str:
         for e in errors[-5:]:
             when = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0)))
             lines.append(f"  {when} {e.get('message')}")
+    return "\n".join(lines)
+
+
+def _ago(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.0f}h"
+
+
+def _cell(x: Any) -> str:
+    return "-" if x is None else str(x)
+
+
+def format_swarm(s: dict[str, Any]) -> str:
+    """The `swarm` section of a status dict as a table: one row per peer the node heard of.
+
+    Every value is what the peer announced (name, device, addresses) or what this node saw of
+    it (rounds, rate, our dial); peers of the event this node never heard from are not listed.
+    """
+    swarm = s.get("swarm")
+    if not isinstance(swarm, dict):
+        return "this node reports no swarm section (an older p2pmodel?); try `p2pmodel status`"
+    rows = swarm.get("peers") or []
+    lines = [
+        f"swarm of {s.get('event', '?')}: {swarm.get('known', len(rows))} peers known to node {str(s.get('peer_id', '?'))[:12]}"
+        f" (round {_cell(s.get('round'))}; DHT routing table {_cell(s.get('dht_peers'))} peers)"
+    ]
+    if not rows:
+        lines.append("  no peer heard from yet")
+        return "\n".join(lines)
+    header = ("peer", "name", "device", "samples/s", "round", "delta", "merged", "reachability", "dial", "seen", "")
+    table = []
+    for p in rows:
+        rate = p.get("samples_per_s")
+        note = "this node" if p.get("self") else "departed" if p.get("departed") else ""
+        table.append((
+            # shown in a terminal: made safe again, whoever answered at the status URL
+            display_name(str(p.get("peer_id", ""))[:12], 12) or "?", display_name(p.get("name")) or "-",
+            display_name(p.get("device"), 24) or "?",
+            f"{rate:.1f}" if isinstance(rate, (int, float)) else "-", _cell(p.get("round")), _cell(p.get("delta_round")),
+            _cell(p.get("merged_round")), str(p.get("reachability", "unknown")), str(p.get("dial", "-")),
+            _ago(p.get("last_seen_s")), note,
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in (header, *table)) for i in range(len(header))]
+    numeric = {3, 4, 5, 6, 9}
+    for r in (header, *table):
+        cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  " + "  ".join(cells).rstrip())
+    if swarm.get("truncated"):
+        lines.append(f"  ... {swarm.get('known', 0) - len(rows)} more not shown")
+    lines.append("round: latest round it announced; delta: latest round it delivered a delta for; merged: latest "
+                 "round whose version, committed here, merged its delta; samples/s: its last delta's samples over "
+                 "the time since its delta of the round before (as received here); dial: whether this node could "
+                 "connect to its announced addresses")
+    for kind in dict.fromkeys(str(r[7]) for r in table):
+        lines.append(f"{kind}: {REACHABILITY.get(kind, 'unknown')}")
     return "\n".join(lines)

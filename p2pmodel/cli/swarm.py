@@ -4,7 +4,9 @@
   Without `--peers` it founds a new swarm and prints the exact line others run to join it,
   then the node's status URL. Bad flags and a bad event fail first, as one line (exit 2);
   SIGINT/SIGTERM leave within `--shutdown-timeout` with exit code 0.
-- `status` reads a running node's local status API and prints a summary (or `--json`).
+- `status` reads a running node's local status API and prints a summary (or `--json`);
+  `--swarm` prints every peer the node heard of instead (device, rate, rounds, reachability),
+  `--watch [SECONDS]` refreshes until Ctrl-C, which ends it with exit code 0.
 - `demo` starts 3 nodes as separate processes on 127.0.0.1, lets them run a few rounds, then
   prints the lineage log with the eval loss of every version.
 
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from p2pmodel.errors import P2PModelError, UsageError
 
@@ -39,7 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status = subparsers.add_parser("status", help="show a running node's state")
     status.add_argument("--home", default="~/.p2pmodel/node", help="the node's home folder (finds its status URL)")
     status.add_argument("--url", default=None, help="status URL (default: read from HOME/node.json)")
-    status.add_argument("--json", action="store_true", help="print the raw status JSON")
+    status.add_argument("--json", action="store_true", help="print the raw status JSON (with --swarm: its swarm section)")
+    status.add_argument("--swarm", action="store_true",
+                        help="every peer of the event this node heard of: name, device, samples/s, rounds, reachability")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (2 if not given) until Ctrl-C")
     status.set_defaults(func=cmd_status)
 
     demo = subparsers.add_parser("demo", help="run a local 3-node swarm for a few rounds and show the lineage")
@@ -88,18 +95,51 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from p2pmodel.daemon.status import fetch_status, format_status
+    from p2pmodel.daemon.status import fetch_status, format_status, format_swarm, status_url_from_home
 
-    url = args.url
-    if url is None:
-        info = Path(args.home).expanduser() / "node.json"
-        try:
-            url = json.loads(info.read_text())["status_url"]
-        except (OSError, ValueError, KeyError):
-            raise UsageError(f"no node.json in {info.parent}; pass --url or the node's --home") from None
-    state = fetch_status(url)
-    print(json.dumps(state, indent=2, sort_keys=True) if args.json else format_status(state))
-    return 0
+    if args.watch is not None and not (0 < args.watch < float("inf")):
+        raise UsageError(f"--watch takes a positive number of seconds, not {args.watch}")
+    url = args.url or status_url_from_home(args.home)
+
+    def render(state: dict) -> str:
+        if args.json:
+            shown = state.get("swarm") if args.swarm else state
+            # watching: one JSON object per line, so a pipe can read each refresh as it comes
+            return json.dumps(shown, sort_keys=True) if args.watch else json.dumps(shown, indent=2, sort_keys=True)
+        return format_swarm(state) if args.swarm else format_status(state)
+
+    if args.watch is None:
+        print(render(fetch_status(url)))
+        return 0
+    tty = sys.stdout.isatty() and not args.json
+    return _watch(lambda: render(fetch_status(url)), args.watch, clear=tty, stamp=not tty and not args.json)
+
+
+def _watch(read: Callable[[], str], every: float, clear: bool, stamp: bool) -> int:
+    """Print `read()` every `every` seconds until Ctrl-C (exit 0). `clear`: each refresh replaces
+    the last (a terminal); `stamp`: each starts with a time line (a pipe or a file). A node that
+    stops answering after the first read is reported and read again; one that never answered is
+    an error."""
+    from p2pmodel.daemon.status import StatusUnavailable
+
+    first = True
+    try:
+        while True:
+            try:
+                text = read()
+            except StatusUnavailable as e:
+                if first:
+                    raise
+                text = f"{e}\n(retrying every {every:g} s; Ctrl-C to stop)"
+            if clear:
+                text = "\x1b[H\x1b[2J" + text  # cursor home, clear screen
+            elif stamp:
+                text = f"--- {time.strftime('%H:%M:%S')}\n{text}"
+            print(text, flush=True)
+            first = False
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return 0
 
 
 class DemoError(P2PModelError):
