@@ -16,7 +16,8 @@ Map:
 - `config.py`    — `NodeConfig` (CLI flags are generated from it) and `EventConfig`, with
   `load_event` (TOML or JSON) and the event's full validation.
 - `manifest.py`  — `event.toml` as `p2pmodel seed` writes it, and `--set key=value` overrides.
-- `logs.py`      — structured one-line logs and the terminal progress line.
+- `identity.py`  — the peer identity's key file (`identity.pem`): `load_identity`, `save_identity`.
+- `logs.py`      — structured one-line logs and the terminal status line (`StatusLine`).
 
 Names are imported lazily: `import p2pmodel.daemon` stays cheap (the CLI imports it to build
 its parser), and hivemind/torch load only when a transport or node is built.

@@ -23,7 +23,6 @@ __all__ = [
     "LocalProtocolError",
     "RemoteProtocolError",
     "InvalidMessage",
-    "KeyFileError",
     "WrongSigner",
     "MalformedMessage",
     "MessageTooLarge",
@@ -63,15 +62,6 @@ class InvalidMessage(LocalProtocolError):
         self.field = field  # field name, or "<encoded>" for the whole message
         self.reason = reason  # what is wrong, in a few words
         super().__init__(f"invalid {kind}.{field}: {reason}")
-
-
-class KeyFileError(LocalProtocolError):
-    """A peer identity file could not be read or written (missing, unreadable, not a key)."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"identity key file {path}: {reason}")
 
 
 class WrongSigner(LocalProtocolError):

@@ -20,23 +20,17 @@ changed without `open_signed` failing.
 
 from __future__ import annotations
 
-import logging
 import os
-import stat
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from p2pmodel.atomic import atomic_write
-
 from .errors import (
     BadSignature,
     ImpersonationError,
-    KeyFileError,
     LocalProtocolError,
     MalformedMessage,
     RemoteProtocolError,
@@ -64,8 +58,6 @@ __all__ = [
     "peer_id_of",
 ]
 
-logger = logging.getLogger(__name__)
-
 SIGNING_DOMAIN = b"p2pmodel/signed/v1\x00"  # prefixed to the payload before signing
 _SEED_LEN = 32
 _SIG_LEN = 64
@@ -73,7 +65,7 @@ _SIG_LEN = 64
 
 @dataclass(frozen=True)
 class PeerIdentity:
-    """A peer's long-lived Ed25519 key pair. Build with generate(), from_seed() or load()."""
+    """A peer's long-lived Ed25519 key pair. Build with generate() or from_seed(); key files: daemon/identity.py."""
 
     private_key: Ed25519PrivateKey
 
@@ -89,48 +81,21 @@ class PeerIdentity:
             raise LocalProtocolError("an Ed25519 seed is exactly 32 bytes")
         return cls(Ed25519PrivateKey.from_private_bytes(bytes(seed)))
 
+    # Key files are the daemon's (daemon/identity.py). These two delegates stay only until
+    # their last callers (p2pmodel/cli/seed.py, daemon/node.py, test helpers, scripts) call
+    # `load_identity` / `save_identity` from there; then they go, and nothing here does I/O.
     @classmethod
     def load(cls, path: str | os.PathLike) -> PeerIdentity:
-        """Read an identity file: a raw 32-byte seed, or an unencrypted PKCS#8 PEM Ed25519 key.
+        """Deprecated: `p2pmodel.daemon.identity.load_identity(path)`."""
+        from p2pmodel.daemon.identity import load_identity
 
-        Raises:
-            KeyFileError: the file is missing, unreadable or holds no Ed25519 key.
-        """
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-            mode = path.stat().st_mode
-        except OSError as e:
-            raise KeyFileError(str(path), e.strerror or str(e)) from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            # ssh refuses such keys; we only warn, since some filesystems cannot express 0600.
-            logger.warning("identity key file %s is accessible by other users (mode %o)", path, mode & 0o777)
-        if len(data) == _SEED_LEN:
-            return cls.from_seed(data)
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as e:
-            raise KeyFileError(str(path), f"not a 32-byte seed or an unencrypted PEM key ({e})") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise KeyFileError(str(path), f"holds a {type(key).__name__}, not an Ed25519 key")
-        return cls(key)
+        return load_identity(path)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write the key as PKCS#8 PEM, mode 0600, atomically (temp file, fsync, rename).
+        """Deprecated: `p2pmodel.daemon.identity.save_identity(identity, path)`."""
+        from p2pmodel.daemon.identity import save_identity
 
-        Raises:
-            KeyFileError: the file exists and overwrite is False, or it cannot be written.
-        """
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise KeyFileError(str(path), "already exists; refusing to replace an identity")
-        pem = self.private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        try:
-            atomic_write(path, pem, mode=0o600)
-        except OSError as e:
-            raise KeyFileError(str(path), e.strerror or str(e)) from None
+        save_identity(self, path, overwrite=overwrite)
 
     @property
     def seed(self) -> bytes:

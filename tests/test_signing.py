@@ -4,26 +4,20 @@
 - No byte of a signed envelope can be changed, dropped or added without `open_signed`
   failing with a ProtocolError; a valid signature over a message that names another sender
   is an `ImpersonationError`; we refuse to sign a message naming someone else.
-- Identities survive save/load (PEM, mode 0600) and raw seeds load too; bad key files raise
-  `KeyFileError`.
+- Identities are derived from their keys (key files: tests/test_identity.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 
 import msgpack
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from p2pmodel.protocols import messages as m
 from p2pmodel.protocols.errors import (
     BadSignature,
     ImpersonationError,
-    KeyFileError,
     MalformedMessage,
     MessageTooLarge,
     ProtocolError,
@@ -167,53 +161,8 @@ def test_signer_of_reads_the_claimed_signer_without_verifying():
 # --- identities ---------------------------------------------------------------------
 
 
-def test_identity_survives_save_and_load_with_owner_only_permissions(tmp_path):
-    path = tmp_path / "identity.pem"
-    ALICE.save(path)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert PeerIdentity.load(path).peer_id == ALICE.peer_id
-
-
-def test_a_raw_32_byte_seed_file_loads(tmp_path):
-    path = tmp_path / "seed"
-    path.write_bytes(b"\x02" * 32)
-    path.chmod(0o600)
-    assert PeerIdentity.load(path).peer_id == BOB.peer_id
-
-
-def test_save_refuses_to_replace_an_existing_identity(tmp_path):
-    path = tmp_path / "identity.pem"
-    ALICE.save(path)
-    with pytest.raises(KeyFileError):
-        BOB.save(path)
-    assert PeerIdentity.load(path).peer_id == ALICE.peer_id
-
-
 def test_generated_identities_differ():
     assert PeerIdentity.generate().peer_id != PeerIdentity.generate().peer_id
-
-
-@pytest.mark.parametrize("content", [b"", b"not a key", b"\x00" * 31], ids=["empty", "text", "31_bytes"])
-def test_a_file_without_a_key_raises_key_file_error(tmp_path, content):
-    path = tmp_path / "bad"
-    path.write_bytes(content)
-    with pytest.raises(KeyFileError):
-        PeerIdentity.load(path)
-
-
-def test_a_missing_key_file_raises_key_file_error(tmp_path):
-    with pytest.raises(KeyFileError):
-        PeerIdentity.load(tmp_path / "absent")
-
-
-def test_a_non_ed25519_key_file_raises_key_file_error(tmp_path):
-    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    path = tmp_path / "ec.pem"
-    path.write_bytes(pem)
-    with pytest.raises(KeyFileError):
-        PeerIdentity.load(path)
 
 
 def test_repr_shows_the_peer_id_but_not_the_seed():
