@@ -10,7 +10,8 @@ Map (source folder `protocols/`, installed as `p2pmodel.protocols`):
 - `codec.py`        — `DeltaCodec` and `ErrorFeedback`: compressed parameter deltas
   (`quant.py`, `sparse.py`, `delta_format.py`, `codec_errors.py` hold its parts).
 - `round.py`        — `RoundMachine`: the round's state machine; events in, actions out
-                      (`round_io.py`: those events and actions, as plain data).
+                      (`round_io.py`: those events and actions, as plain data; `round_view.py`:
+                      what it has seen of a round, vote tallies included).
 - `sim.py`          — a virtual-clock network simulator that drives many `RoundMachine`s.
 - `SPEC.md`, `vectors/` — the written wire specification and its test vectors.
 

@@ -30,13 +30,13 @@ consensus argument of Raft's membership change). Corollaries:
   to that round (announcements alone do not: a peer catching up announces a round ahead);
 - if more than a third of E vanishes at once, rounds stop committing until they return.
 
-Why one long file: every decision of the round lives here on purpose (the h11 rule); events and
-actions are in round_io.py, the commit rule in certificate.py.
+Why one long file (~1,200 lines): every decision of the round lives here on purpose (the h11
+rule); events and actions are in round_io.py, what the machine has seen of a round (the view,
+vote tallies, a sync target) in round_view.py, the commit rule in certificate.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from enum import Enum
 from fractions import Fraction
@@ -69,6 +69,7 @@ from .round_io import (  # re-exported: the daemon and tests import them from he
     TrainingDone,
     VersionSynced,
 )
+from .round_view import RoundView, SyncTarget, Tally, proposer_rank_key  # proposer_rank_key: re-exported
 from .messages import (
     MAX_MEMBERS,
     Commit,
@@ -175,11 +176,6 @@ class PeerInfo:
     capabilities: tuple[tuple[str, str | bool | int | float], ...] = ()  # informative
 
 
-def proposer_rank_key(round_: int, peer_id: str) -> bytes:
-    """Proposers of a round are ranked by this key, lowest first: sha256(f"{round}:{peer_id}")."""
-    return hashlib.sha256(f"{round_}:{peer_id}".encode()).digest()
-
-
 # --------------------------------------------------------------------------------------
 # Internal triggers: decisions the machine takes while handling an event.
 # --------------------------------------------------------------------------------------
@@ -266,88 +262,6 @@ TRANSITIONS: dict[Phase, dict[type, Phase]] = {
 # --------------------------------------------------------------------------------------
 
 
-class _Tally:
-    """Votes for one (proposal hash, version id): who signed, and how many count where."""
-
-    __slots__ = ("voters", "in_members", "in_electorate")
-
-    def __init__(self) -> None:
-        self.voters: set[str] = set()
-        self.in_members = 0
-        self.in_electorate = 0
-
-
-class _RoundView:
-    """What the machine has seen of the round it is in. Reset on entering a round."""
-
-    def __init__(self, round_: int, base: str, t0: float) -> None:
-        self.round, self.base, self.t0 = round_, base, t0
-        self.members: set[str] = set()  # announced for this round
-        self.departed: set[str] = set()
-        self.deltas: dict[str, DeltaAnnouncement] = {}  # by peer id
-        self.fetch: dict[str, bool | None] = {}  # delta hash -> None (asked), True, False
-        self.proposals: dict[str, tuple[Proposal, str]] = {}  # proposer -> (proposal, hash)
-        self.bad_proposers: set[str] = set()  # equivocated, bogus or unfetchable
-        self.candidate: str | None = None  # hash of the adopted proposal
-        self.merge_asked: set[str] = set()  # proposal hashes we asked to merge this round
-        self.computed: dict[str, str] = {}  # version id -> proposal hash, from our merges
-        self.vote: Vote | None = None
-        self.votes: dict[str, Vote] = {}  # voter -> vote
-        self.equivocators: set[str] = set()
-        self.tallies: dict[tuple[str, str], _Tally] = {}
-        self.dirty: set[tuple[str, str]] = set()  # tallies changed since the last quorum check
-        self.by_hash: dict[str, Proposal] = {}
-        self.proposed = False
-        self.fetch_proposal_asked: set[str] = set()
-        self.helped = False  # republished our last Commit for a laggard this round
-        self.keys: dict[str, bytes] = {}  # live member -> proposer rank key
-        self.slots: dict[str, int] = {}  # proposer -> rank, cached until members change
-        self.ahead_of_me = 0  # live members ranked before us (kept incrementally: asked every event)
-        self.my_key = b""
-        self.closed_at: float | None = None  # when every expected delta was in (early close)
-        self.norms: dict[str, float] = {}  # delta hash -> L2 norm of the screened delta
-        self.excluded: dict[str, str] = {}  # peer id -> why its delta is left out this round
-
-    def add_member(self, peer_id: str) -> None:
-        self.members.add(peer_id)
-        self.keys[peer_id] = k = proposer_rank_key(self.round, peer_id)
-        self.ahead_of_me += k < self.my_key
-        self.slots.clear()
-
-    def depart(self, peer_id: str) -> None:
-        self.departed.add(peer_id)
-        k = self.keys.pop(peer_id, None)
-        if k is not None:
-            self.ahead_of_me -= k < self.my_key
-        self.slots.clear()
-
-    def rank(self, peer_id: str, me: str) -> int:
-        """How many live members rank before `peer_id` as proposer."""
-        if peer_id == me:
-            return self.ahead_of_me
-        r = self.slots.get(peer_id)
-        if r is None:
-            key = proposer_rank_key(self.round, peer_id)
-            r = self.slots[peer_id] = sum(1 for k in self.keys.values() if k < key)
-        return r
-
-    def proposer_order(self) -> list[str]:
-        """Live members, best proposer rank first."""
-        return sorted(self.keys, key=self.keys.__getitem__)
-
-
-@dataclass
-class _SyncTarget:
-    round: int
-    version_id: str
-    proposal_hash: str
-    base: str
-    votes: tuple[Vote, ...]
-    have_version: bool
-    members: frozenset[str] | None  # of the committed proposal, once known
-    await_merge_until: float | None = None  # our own merge of it is running: wait for it until then
-
-
 class RoundMachine:
     """One peer's view of the rounds. Pure and deterministic: same events, same actions.
 
@@ -378,10 +292,10 @@ class RoundMachine:
         self.head_version: str | None = None
         self.head_round: int | None = None
         self.electorate: frozenset[str] = frozenset()
-        self._view: _RoundView | None = None
+        self._view: RoundView | None = None
         self._training: tuple[int, str] | None = None  # (round, base) of the running training
         self._my_delta: tuple[str, int, int, int, str] | None = None  # hash, samples, size, round, base
-        self._sync: _SyncTarget | None = None
+        self._sync: SyncTarget | None = None
         self._future: dict[int, list[tuple[Message, str]]] = {}
         self._future_count = 0
         self._future_announcers: dict[int, set[str]] = {}
@@ -397,6 +311,17 @@ class RoundMachine:
         self._offences: dict[str, list[int]] = {}  # peer -> rounds in which it offended (recent ones)
         self.counters: dict[str, int] = {k: 0 for k in _COUNTERS}
         self._now = float("-inf")  # latest event time: next_deadline only returns later times
+
+    @property
+    def _round_view(self) -> RoundView:
+        """The view of the round we are in; every handler past `Start` runs in one.
+
+        Raises LocalProtocolError (our bug) when there is none yet.
+        """
+        v = self._view
+        if v is None:
+            raise LocalProtocolError(f"internal: no round view in phase {self.phase.name}")
+        return v
 
     # ---- public ------------------------------------------------------------------------
 
@@ -503,8 +428,7 @@ class RoundMachine:
     def _on_TrainingDone(self, ev: TrainingDone, out: list[Action]) -> None:
         round_, base = self._training  # type: ignore[misc]
         self._training = None
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if base != v.base:
             # Trained on a head that has since moved: the delta is stale; carry it and retrain.
             out.append(KeepDelta(ev.delta_hash, round_, base))
@@ -522,8 +446,7 @@ class RoundMachine:
         v.fetch[ev.delta_hash] = True  # our own delta is on disk already
 
     def _on_DeltaFetched(self, ev: DeltaFetched, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if ev.delta_hash not in v.fetch:
             self._count("stale_results")
             return
@@ -538,8 +461,7 @@ class RoundMachine:
                     self._offend(peer, v.round)
 
     def _on_MergeDone(self, ev: MergeDone, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if ev.proposal_hash not in v.merge_asked:
             self._count("stale_results")
             return
@@ -560,8 +482,7 @@ class RoundMachine:
         self._add_vote(vote, self.peer.peer_id)
 
     def _on_MergeFailed(self, ev: MergeFailed, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if self._merge_settles_sync(ev.proposal_hash, None, out):
             return
         if ev.proposal_hash != v.candidate or self.phase is not Phase.MERGING:
@@ -601,8 +522,7 @@ class RoundMachine:
             if self._sync is not None and self._sync.members is None:
                 self._learn_members(msg)
         r = getattr(msg, "round", None)
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if not isinstance(msg, (PeerAnnouncement, DeltaAnnouncement, Proposal, Vote, Departure)) or r is None:
             self._count("unexpected")
             return
@@ -634,8 +554,7 @@ class RoundMachine:
         Publish it again (once per round). Only a few peers publish each Commit, and a reader
         can miss them all; without this a group that missed one commit never catches up.
         """
-        v = self._view
-        assert v is not None
+        v = self._round_view
         prev = self._last_commit
         if prev is None or v.helped or getattr(msg, "base_version", None) != prev[0]:
             return
@@ -648,8 +567,7 @@ class RoundMachine:
     # ---- records of the current round --------------------------------------------------
 
     def _on_peer_announcement(self, msg: PeerAnnouncement, sender: str) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if msg.peer_id in v.members:
             self._count("duplicate")
         elif len(v.members) >= self.config.max_members:
@@ -658,13 +576,11 @@ class RoundMachine:
             v.add_member(msg.peer_id)
 
     def _is_member(self, peer_id: str) -> bool:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         return peer_id in v.members or peer_id in self.electorate
 
     def _on_delta_announcement(self, msg: DeltaAnnouncement, sender: str, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if not self._is_member(msg.peer_id):
             self._count("non_member")
             return
@@ -684,16 +600,14 @@ class RoundMachine:
             self._fetch(msg.peer_id, msg.delta_hash, out)  # prefetch: every peer merges every delta
 
     def _fetch(self, peer_id: str, delta_hash: str, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if delta_hash not in v.fetch:
             v.fetch[delta_hash] = None
             self._fetch_asked[delta_hash] = v.round
             out.append(FetchDelta(peer_id, delta_hash))
 
     def _on_proposal(self, msg: Proposal, sender: str) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if not self._is_member(msg.proposer):
             self._count("non_member")
             return
@@ -721,8 +635,7 @@ class RoundMachine:
 
     def _proposal_is_sound(self, p: Proposal) -> bool:
         """Checks a proposal can pass without fetching anything."""
-        v = self._view
-        assert v is not None
+        v = self._round_view
         members = set(p.members)
         if p.proposer not in members or list(p.members) != sorted(p.members):
             return False
@@ -749,8 +662,7 @@ class RoundMachine:
         self._add_vote(vote, sender)
 
     def _add_vote(self, vote: Vote, sender: str) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if vote.voter in v.equivocators:
             self._count("equivocation")
             return
@@ -768,7 +680,7 @@ class RoundMachine:
         key = (vote.proposal_hash, vote.version_id)
         tally = v.tallies.get(key)
         if tally is None:
-            tally = v.tallies[key] = _Tally()
+            tally = v.tallies[key] = Tally()
         tally.voters.add(vote.voter)
         v.dirty.add(key)
         prop = self._proposal_by_hash(vote.proposal_hash)
@@ -778,8 +690,7 @@ class RoundMachine:
             tally.in_electorate += 1
 
     def _untally(self, vote: Vote) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         tally = v.tallies[(vote.proposal_hash, vote.version_id)]
         tally.voters.discard(vote.voter)
         prop = self._proposal_by_hash(vote.proposal_hash)
@@ -789,8 +700,7 @@ class RoundMachine:
             tally.in_electorate -= 1
 
     def _proposal_by_hash(self, h: str) -> Proposal | None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         p = v.by_hash.get(h)
         if p is not None:
             return p
@@ -827,8 +737,7 @@ class RoundMachine:
     def _commit(self, round_: int, vid: str, ph: str, base: str, votes: tuple[Vote, ...], now: float,
                 out: list[Action]) -> None:  # fmt: skip
         """A quorum we accept committed `vid` in `round_`: adopt it, syncing it if we must."""
-        v = self._view
-        assert v is not None
+        v = self._round_view
         have = base == v.base and vid in v.computed
         prop = self._proposal_by_hash(ph)
         # Merging locally beats fetching every tensor: wait for our merge of this very proposal
@@ -840,7 +749,7 @@ class RoundMachine:
             elif prop is not None and prop.deltas and all(v.fetch.get(d.delta_hash) is True for d in prop.deltas):
                 self._ask_merge(prop, ph, out)
                 merge_locally = True
-        self._sync = _SyncTarget(round_, vid, ph, base, votes, have, frozenset(prop.members) if prop else None)
+        self._sync = SyncTarget(round_, vid, ph, base, votes, have, frozenset(prop.members) if prop else None)
         if merge_locally:
             self._sync.await_merge_until = now + self.config.proposal_timeout
         elif not have:
@@ -852,8 +761,8 @@ class RoundMachine:
 
     def _request_sync(self, out: list[Action]) -> None:
         s = self._sync
-        v = self._view
-        assert s is not None and v is not None
+        v = self._round_view
+        assert s is not None
         s.await_merge_until = None
         self._sync_asked[s.version_id] = v.round
         out.append(SyncVersion(s.version_id, s.round, tuple(sorted({x.voter for x in s.votes}))))
@@ -880,8 +789,7 @@ class RoundMachine:
     def _finish_sync(self, now: float, out: list[Action]) -> None:
         s = self._sync
         assert s is not None and s.have_version and s.members is not None
-        v = self._view
-        assert v is not None
+        v = self._round_view
         mine = self._my_delta
         out.append(CommitVersion(s.round, s.version_id, s.proposal_hash, s.votes))
         merged = False
@@ -910,8 +818,7 @@ class RoundMachine:
             if s.have_version and s.members is not None:
                 self._finish_sync(now, out)
             return
-        v = self._view
-        assert v is not None
+        v = self._round_view
         self._check_quorums(now, out)
         if self.phase is Phase.SYNCING:
             self._advance(now, out)
@@ -932,8 +839,7 @@ class RoundMachine:
 
     def _expected(self) -> set[str]:
         """Peers whose delta we wait for: the electorate and this round's members, less departures."""
-        v = self._view
-        assert v is not None
+        v = self._round_view
         return (self.electorate | v.members) - v.departed
 
     def _everyone_delivered(self) -> bool:
@@ -944,8 +850,7 @@ class RoundMachine:
         time (it was most of the round before this rule). A crashed electorate member keeps
         the window open, so the rule never shortens a round that has someone to wait for.
         """
-        v = self._view
-        assert v is not None
+        v = self._round_view
         expected = self._expected()
         if len(expected) < self.config.min_members:
             return False
@@ -956,8 +861,7 @@ class RoundMachine:
         return True
 
     def _collect_end(self) -> float:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         end = v.t0 + self.config.collect_window
         return end if v.closed_at is None else min(end, v.closed_at)
 
@@ -968,19 +872,16 @@ class RoundMachine:
 
     def _slot(self, proposer: str) -> float:
         """When `proposer` may propose, by its rank among the members we know."""
-        v = self._view
-        assert v is not None
+        v = self._round_view
         rank = v.rank(proposer, self.peer.peer_id)
         return self._collect_end() + rank * self.config.proposal_timeout
 
     def _rank_key(self, proposer: str) -> bytes:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         return proposer_rank_key(v.round, proposer)
 
     def _maybe_propose(self, now: float, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         me = self.peer.peer_id
         if v.proposed or v.vote is not None or me not in v.members:
             return
@@ -1010,15 +911,13 @@ class RoundMachine:
 
     def _median_norm(self) -> float | None:
         """Median L2 norm of the round's screened deltas (None below 3: no honest majority to trust)."""
-        v = self._view
-        assert v is not None
+        v = self._round_view
         norms = sorted(v.norms.values())
         return norms[len(norms) // 2] if len(norms) >= 3 else None
 
     def _norm_outlier(self, delta_hash: str) -> str:
         """Why this delta's norm is an outlier ("" when it is not, or cannot be told)."""
-        v = self._view
-        assert v is not None
+        v = self._round_view
         med, norm = self._median_norm(), v.norms.get(delta_hash)
         if norm is None:
             return ""
@@ -1035,8 +934,7 @@ class RoundMachine:
     def _screened(self, fetched: list[tuple[str, DeltaAnnouncement]]) -> tuple[ProposalDelta, ...]:
         """What we propose: fetched deltas less norm outliers, weighed by samples capped at
         `max_weight_ratio` x the median (a peer announcing 10^4 x the samples gets 2 x)."""
-        v = self._view
-        assert v is not None
+        v = self._round_view
         kept = []  # (peer, announcement, its offences in the window)
         for p, a in fetched:
             why, n = self._norm_outlier(a.delta_hash), 0
@@ -1082,8 +980,7 @@ class RoundMachine:
 
     def _maybe_adopt(self, now: float, out: list[Action]) -> None:
         """Adopt the best-ranked eligible proposal, or switch to a better one before voting."""
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if v.vote is not None or self.phase not in (Phase.COLLECTING, Phase.MERGING):
             return
         best: tuple[bytes, str] | None = None
@@ -1110,8 +1007,7 @@ class RoundMachine:
                 self._fetch(d.peer_id, d.delta_hash, out)
 
     def _maybe_merge(self, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         if self.phase is not Phase.MERGING or v.candidate is None or v.candidate in v.merge_asked:
             return
         prop = self._proposal_by_hash(v.candidate)
@@ -1131,27 +1027,24 @@ class RoundMachine:
             self._ask_merge(prop, v.candidate, out)
 
     def _ask_merge(self, prop: Proposal, proposal_hash: str, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         v.merge_asked.add(proposal_hash)
         self._merge_asked[proposal_hash] = v.round
         out.append(Merge(prop, proposal_hash))
 
     def _drop_candidate(self) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         v.candidate = None
         self._move(ProposalDropped)
 
-    def _tally_commits(self, key: tuple[str, str], tally: _Tally) -> bool:
+    def _tally_commits(self, key: tuple[str, str], tally: Tally) -> bool:
         prop = self._proposal_by_hash(key[0])
         if prop is None:
             return False
         return commits(tally.voters, electorate=self.electorate, members=prop.members, share=self.config.quorum)
 
     def _check_quorums(self, now: float, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         dirty, v.dirty = v.dirty, set()
         for key in sorted(dirty):
             tally = v.tallies[key]
@@ -1171,8 +1064,7 @@ class RoundMachine:
                     out.append(FetchProposal(v.round, key[0]))
 
     def _fail(self, now: float, reason: str, next_round: int, trigger: type, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         out.append(RoundFailed(v.round, reason))
         self.counters["rounds_failed"] += 1
         self._move(trigger)
@@ -1199,7 +1091,7 @@ class RoundMachine:
             for k in [k for k, r in asked.items() if r < horizon]:
                 del asked[k]
         prev = self._view
-        self._view = v = _RoundView(round_, self.head_version, now)
+        self._view = v = RoundView(round_, self.head_version, now)
         out.append(EnterRound(round_, v.base))
         # One announcement per round: a peer catching up announced this round already (as "next")
         if round_ not in self._announced_rounds:
@@ -1235,16 +1127,14 @@ class RoundMachine:
             self._my_delta = None
 
     def _start_training(self, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         self._training = (v.round, v.base)
         out.append(StartTraining(v.round, v.base))
 
     # ---- records of later rounds -------------------------------------------------------
 
     def _buffer_future(self, msg: Message, sender: str, now: float, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         r = msg.round  # type: ignore[attr-defined]
         if r > v.round + self.config.future_rounds or self._future_count >= self.config.future_buffer:
             self._count("too_far_ahead")
@@ -1263,8 +1153,7 @@ class RoundMachine:
                 self._fail(now, "skipped", r, RoundSkipped, out)
 
     def _replay_future(self, now: float, out: list[Action]) -> None:
-        v = self._view
-        assert v is not None
+        v = self._round_view
         for r in [r for r in self._future if r <= v.round]:
             items = self._future.pop(r)
             self._future_count -= len(items)
