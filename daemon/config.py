@@ -6,8 +6,11 @@
   not there) with one line naming the flag, before the node touches anything.
 - `EventConfig` — what every peer of one swarm must agree on (task, round length, merge method,
   outer optimizer, codec). It comes from the event manifest (`--event FILE`: TOML as
-  `p2pmodel seed` writes it, or JSON; either holds overrides of the defaults) and its hash
-  (`event_hash`) is part of every `PeerAnnouncement`, so peers of different events never mix.
+  `p2pmodel seed` writes it, or JSON; either holds overrides of the defaults), or from peers:
+  its hash (`event_hash`, the sha256 of `manifest_bytes()`) is the join line's `--event-id`,
+  and any peer serves those bytes (daemon/joining.py). The hash is part of every
+  `PeerAnnouncement`, so peers of different events never mix. Nothing local to one machine
+  (paths, a volunteer's own text files: `--data`) belongs in it.
 
 A manifest is checked whole before anything starts (`event_from_mapping`): unknown keys, also
 nested ones (`codec.densty`), are an error, never silently ignored, as are a merge method or
@@ -30,6 +33,7 @@ from typing import Any, Iterable, Mapping
 
 from p2pmodel.errors import UsageError
 from p2pmodel.peers import name_problem
+from p2pmodel.protocols.limits import MAX_MANIFEST
 
 __all__ = [
     "NodeConfig",
@@ -73,8 +77,13 @@ class NodeConfig:
     """Settings of one node (one volunteer's machine). Safe defaults: loopback only."""
 
     peers: tuple[str, ...] = _f((), "multiaddrs of any live peer or bootstrap DHT node; none starts a new swarm")
-    event: str = _f("", "event manifest (.toml from `p2pmodel seed`, or JSON); empty means the built-in charlm event")
-    seeder: str = _f("", "peer id of the swarm's founder (printed in its join line); empty when founding")
+    event_id: str = _f("", "sha256 of the event to join (in the join line): its manifest and seed version are fetched "
+                       "from --peers and checked against it; no files needed")
+    event: str = _f("", "event manifest (.toml from `p2pmodel seed`, or JSON); empty means the event of --event-id, "
+                    "else the one this home joined, else the built-in charlm event")
+    seeder: str = _f("", "peer id of the swarm's founder, for an --event file that names none; empty when founding")
+    data: tuple[str, ...] = _f((), "your own text files or folders to train on (hf events; charlm's data is built in)",
+                               metavar="PATH")
     home: str = _f("~/.p2pmodel/node", "folder for this node's identity keys and lineage")
     name: str = _f("", "display name others see beside your peer id in credits and status (optional; at most 32 "
                    "printable characters)")
@@ -120,6 +129,8 @@ class EventConfig:
     )
     train_ahead: bool = _f(True, "train on while the swarm merges, then rebase (training never waits)")
     seeder: str = _f("", "peer id of the swarm's founder: the electorate of the seed version")
+    seed_version: str = _f("", "id of the version every peer starts from (peers fetch it by id; it holds the model and, "
+                           "for hf, config.json and tokenizer files); empty: each peer builds it from the task")
     collect_window: float = _f(30.0, "seconds from entering a round to the first proposer's slot")
     proposal_timeout: float = _f(10.0, "seconds each proposer rank waits before the next takes over")
     min_members: int = _f(1, "a round closes before its collect window only once this many peers delivered")
@@ -135,9 +146,14 @@ class EventConfig:
     seed: int = _f(0, "seed of the model's initial parameters")
     allowed_peers: list = _f([], "private event: the only peer ids that take part (empty: open)")
 
+    def manifest_bytes(self) -> bytes:
+        """The canonical JSON of every field (sorted keys): what peers serve as the event's
+        manifest, and what `event_hash` hashes."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
     def event_hash(self) -> str:
-        """sha256 hex of the canonical JSON of every field: the swarm's identity."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+        """sha256 hex of `manifest_bytes()`: the swarm's identity (the join line's --event-id)."""
+        return hashlib.sha256(self.manifest_bytes()).hexdigest()
 
     def dht_prefix(self) -> str:
         """`p2pmodel/<name>-<hash12>`: DHT keys of this event start with it."""
@@ -237,6 +253,7 @@ def _checked_codec(codec: dict, source: str) -> dict:
 
 
 _PEER_ID = re.compile(r"[0-9a-f]{40}")  # protocols.signing.peer_id_of: 40 lowercase hex digits
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # version ids and event ids
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # goes into every DHT key of the swarm
 
 
@@ -252,6 +269,7 @@ def _check_event(e: EventConfig, source: str) -> None:
         ("outer_lr", e.outer_lr > 0, "must be positive"),
         ("outer_momentum", 0 <= e.outer_momentum < 1, "must be in [0, 1)"),
         ("seeder", not e.seeder or bool(_PEER_ID.fullmatch(e.seeder)), "must be a peer id (40 lowercase hex digits) or empty"),
+        ("seed_version", not e.seed_version or bool(_SHA256.fullmatch(e.seed_version)), "must be a version id (64 lowercase hex digits) or empty"),
         ("collect_window", e.collect_window > 0, "must be positive (seconds)"),
         ("proposal_timeout", e.proposal_timeout > 0, "must be positive (seconds)"),
         ("round_deadline", e.round_deadline > 0, "must be positive (seconds)"),
@@ -271,6 +289,9 @@ def _check_event(e: EventConfig, source: str) -> None:
         if not ok:
             raise ConfigError(source, reason, key=key)
     _check_merge(e.merge_method, e.merge_params, source)
+    size = len(e.manifest_bytes())
+    if size > MAX_MANIFEST:  # no joiner would accept it from a peer
+        raise ConfigError(source, f"the manifest is {size} bytes; peers accept at most {MAX_MANIFEST} (task_options too big?)")
 
 
 def _check_merge(method: str, params: Mapping[str, Any], source: str) -> None:
@@ -303,7 +324,7 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
         help_text = argparse.SUPPRESS if f.metadata.get("hidden") else f.metadata["help"]
         default = f.default
         if isinstance(default, tuple):
-            parser.add_argument(flag, nargs="*", default=list(default), metavar="MULTIADDR", help=help_text)
+            parser.add_argument(flag, nargs="*", default=list(default), metavar=f.metadata.get("metavar", "MULTIADDR"), help=help_text)
         else:
             parser.add_argument(flag, type=type(default), default=default, help=help_text)
 
@@ -335,6 +356,8 @@ def check_node_config(config: NodeConfig) -> NodeConfig:
         ("--cpu-threads", config.cpu_threads >= 0, "must be >= 0 (0: all cores but one)"),
         ("--max-rounds", config.max_rounds >= 0, "must be >= 0 (0: run until stopped)"),
         ("--shutdown-timeout", config.shutdown_timeout > 0 and math.isfinite(config.shutdown_timeout), "must be a positive number of seconds"),
+        ("--event-id", not config.event_id or bool(_SHA256.fullmatch(config.event_id)),
+         f"must be an event id (64 lowercase hex digits, as the join line prints it), not {config.event_id[:80]!r}"),
     ]  # fmt: skip
     for flag, ok, reason in rules:
         if not ok:

@@ -8,6 +8,11 @@
 - `with_settings(data, ["codec.value_bits=1", ...]) -> dict` — overrides applied to a plain
   mapping of settings (dotted keys reach into tables).
 
+- `event_from_manifest_bytes(data, event_id) -> EventConfig` — the event a peer served for
+  `event_id` (the join line's `--event-id`), or `ManifestRejected`: more than `MAX_MANIFEST`
+  bytes, bytes that do not hash to the id, not JSON, not a valid event, or not in canonical
+  form (`EventConfig.manifest_bytes()`). Pure: daemon/joining.py fetches, this decides.
+
 `config.load_event` reads the file back, and it always loads to the same `event_hash`
 (tests/test_seed.py): the manifest is the event.
 """
@@ -16,15 +21,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import re
 import tomllib
 from typing import Any, Mapping, Sequence
 
-from p2pmodel.daemon.config import ConfigError, EventConfig
+from p2pmodel.daemon.config import ConfigError, EventConfig, event_from_mapping
+from p2pmodel.errors import P2PModelError
+from p2pmodel.protocols.limits import MAX_MANIFEST
 
-__all__ = ["event_to_toml", "with_settings"]
+__all__ = ["event_to_toml", "with_settings", "event_from_manifest_bytes", "ManifestRejected"]
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _REQUIRED = object()  # a merge parameter without a default
@@ -45,7 +53,8 @@ def event_to_toml(event: EventConfig, task_config: Mapping[str, Any] | None = No
     lines = [
         f"# Event manifest of {event.name!r}, written by `p2pmodel seed` (event_hash {event.event_hash()[:12]}).",
         "# Every peer of the swarm uses these settings: they hash to the event's identity, so changing",
-        "# any of them makes another event. Volunteers pass this file to `p2pmodel join --event`.",
+        "# any of them makes another event. Volunteers do not need this file: the swarm serves the",
+        "# event by its hash (the join line's --event-id).",
         "",
     ]
     tables = []
@@ -174,3 +183,41 @@ def _default_at(key: str) -> Any:
 
         return {f.name: f.default for f in dataclasses.fields(CodecConfig)}.get(rest)
     return None
+
+
+class ManifestRejected(P2PModelError):
+    """A peer served bytes that are not the manifest of the event asked for: the peer is not to
+    be trusted for this event (try another). Fields: `event_id`, `reason`."""
+
+    def __init__(self, event_id: str, reason: str):
+        self.event_id, self.reason = event_id, reason
+        super().__init__(f"manifest of event {event_id[:12]} rejected: {reason}")
+
+
+def event_from_manifest_bytes(data: bytes, event_id: str) -> EventConfig:
+    """The event whose canonical manifest is `data`, if `data` is exactly that of `event_id`.
+
+    Checked in order, cheapest first: the size (at most `MAX_MANIFEST`), the hash (sha256 of
+    `data` is `event_id`), JSON, the event's own checks (`event_from_mapping`), and the form:
+    the event's `manifest_bytes()` must be `data` itself, so two encodings of one event (a
+    number written as 1 or 1.0, a missing default) can never stand for one id.
+
+    Raises:
+        ManifestRejected: any check fails; `reason` says which, in one line.
+    """
+    if len(data) > MAX_MANIFEST:
+        raise ManifestRejected(event_id, f"{len(data)} bytes, more than the {MAX_MANIFEST} a manifest may have")
+    got = hashlib.sha256(data).hexdigest()
+    if got != event_id:
+        raise ManifestRejected(event_id, f"the bytes hash to {got[:12]}, not to the event id")
+    try:
+        mapping = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ManifestRejected(event_id, f"not JSON ({e})") from None
+    try:
+        event = event_from_mapping(mapping, source="manifest")
+    except ConfigError as e:
+        raise ManifestRejected(event_id, f"not a valid event ({e})") from None
+    if event.manifest_bytes() != bytes(data):
+        raise ManifestRejected(event_id, "not in canonical form (EventConfig.manifest_bytes)")
+    return event

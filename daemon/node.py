@@ -6,12 +6,15 @@ Opening order (`Node.create`), closed in reverse by `shutdown`:
 1. home folder: the Ed25519 identity (`identity.pem`), the libp2p key (`libp2p.key`), the
    lineage (`lineage/`); the event manifest the node joined (`event.json`) is written only
    once everything below has opened, so a failed start leaves the home free for any event
-   (a lineage it created is removed again; the identity keys stay);
-2. the seed version: built from the task (deterministic, so every peer derives the same id
-   without syncing) when the lineage has no `main` yet;
-3. the transport (DHT node + p2pd), serving lineage objects and this node's deltas;
-4. the trainer (worker thread) and the status API (on the default port if free, else any
-   free port: two nodes on one machine do not collide).
+   (a lineage or model folder it created is removed again; the identity keys stay);
+2. the transport (DHT node + p2pd), serving lineage objects and this node's deltas;
+3. the event and its seed, checked by hash before anything else starts (daemon/joining.py):
+   with only `--event-id`, the manifest is fetched from peers; a seed version the event names
+   is fetched by id; one it does not name is built from the task (deterministic, so every
+   peer derives the same id without syncing). The node then serves the manifest too;
+4. the task (with this machine's options: `--data`, an hf event's model folder written from
+   the seed version's files), the trainer (worker thread) and the status API (on the default
+   port if free, else any free port: two nodes on one machine do not collide).
 
 `run()` starts the loops (`rounds` — the `RoundRunner` driving `protocols.round`; `lag` — the
 loop-lag monitor) under one supervisor: a loop that returns or raises ends the node, and the
@@ -42,14 +45,17 @@ from typing import Any
 from p2pmodel.daemon.certificates import serve_certificates
 from p2pmodel.daemon.config import (
     DEFAULT_STATUS_PORT,
+    ConfigError,
     EventConfig,
     NodeConfig,
     check_node_config,
     event_from_mapping,
     load_event,
 )
+from p2pmodel.daemon.joining import MODEL_FOLDER, fetch_event, peer_ids_of, task_options
 from p2pmodel.daemon.logs import get_logger
 from p2pmodel.daemon.status import LagMonitor, StatusServer, StatusUnavailable
+from p2pmodel.daemon.sync import SyncError, fetch_seed
 from p2pmodel.daemon.trainer import Trainer
 from p2pmodel.daemon.transport import Transport
 from p2pmodel.errors import P2PModelError
@@ -83,12 +89,20 @@ class NodeShutdownError(NodeError):
 def seed_version(store: LineageStore, task: Task, event: EventConfig) -> str:
     """Commit the event's seed version on `main` if the lineage has none; returns main's id.
 
-    The seed is a pure function of the event (the task builds its model deterministically;
+    An event that names its seed (`seed_version`, as `p2pmodel seed` writes it) must find it
+    in the lineage (fetched from peers by `sync.fetch_seed`, or the founder's own). Otherwise
+    the seed is a pure function of the event (the task builds its model deterministically;
     time is fixed at 0), so every peer computes the same seed id without talking to anyone.
+
+    Raises:
+        NodeError: the event names a seed version this lineage does not hold.
     """
     existing = store.branches().get("main")
     if existing is not None:
         return existing
+    if event.seed_version:
+        raise NodeError(f"the event's seed version {event.seed_version[:12]} is not in {store.root}; "
+                        "join through --peers to fetch it")  # fmt: skip
     state = {k: v.detach().to("cpu") for k, v in task.build_model().state_dict().items()}
     version = store.commit(
         state,
@@ -109,31 +123,50 @@ def _load_identity(path: Path) -> PeerIdentity:
     return identity
 
 
-def _load_node_event(config: NodeConfig, home: Path, peer_id: str) -> EventConfig:
-    """The event from --event, else the one this home joined before, else the default.
+def _local_event(config: NodeConfig, home: Path, peer_id: str) -> EventConfig | None:
+    """The event known without the network: from --event, else the one this home joined, else
+    the default. None when only --event-id names it and this home has not joined it yet (the
+    node then fetches it from peers: daemon/joining.py).
 
-    `--seeder` fills the event's seeder; a node that founds a swarm (no --peers, no seeder)
-    becomes the seeder itself. Writes nothing: `Node.create` records the event in the home
-    only once the node has started.
+    `--seeder` fills the seeder of an --event file that names none; a node that founds a swarm
+    (no --peers, no seeder) becomes the seeder itself. Writes nothing: `Node.create` records
+    the event in the home only once the node has started.
+
+    Raises:
+        ConfigError: --event is not the event --event-id names, or --event-id without --peers.
+        NodeError: the home belongs to another event, or joining needs a seeder.
     """
     stored = home / "event.json"
+    before = event_from_mapping(json.loads(stored.read_text()), source=str(stored)) if stored.exists() else None
+    if config.event_id and not config.event:
+        if before is None:
+            if not config.peers:
+                raise ConfigError("--event-id", "needs --peers to fetch the event from (the join line has both)")
+            return None
+        if before.event_hash() != config.event_id:
+            raise NodeError(f"{home} belongs to event {before.name} ({before.event_hash()[:12]}), not {config.event_id[:12]}; use another --home")
+        return before
     if config.event:
         event = load_event(config.event)
-    elif stored.exists():
-        event = event_from_mapping(json.loads(stored.read_text()), source=str(stored))
+    elif before is not None:
+        event = before
     else:
         event = EventConfig()
     if config.seeder:
         event = dataclasses.replace(event, seeder=config.seeder)
     if not event.seeder:
         if config.peers:
-            raise NodeError("joining needs the founder's id: pass --seeder (it is in the join line) or an --event naming it")
+            raise NodeError("joining needs the founder's id: pass --seeder, an --event naming it, or --event-id from the join line")
         event = dataclasses.replace(event, seeder=peer_id)
-    if stored.exists():
-        before = event_from_mapping(json.loads(stored.read_text()), source=str(stored))
-        if before.event_hash() != event.event_hash():
-            raise NodeError(f"{home} belongs to event {before.name} ({before.event_hash()[:12]}); use another --home")
+    if config.event_id and event.event_hash() != config.event_id:
+        raise ConfigError("--event", f"{config.event} is event {event.event_hash()[:12]}, not the --event-id {config.event_id[:12]}")
+    _check_home(home, before, event)
     return event
+
+
+def _check_home(home: Path, before: EventConfig | None, event: EventConfig) -> None:
+    if before is not None and before.event_hash() != event.event_hash():
+        raise NodeError(f"{home} belongs to event {before.name} ({before.event_hash()[:12]}); use another --home")
 
 
 class Node:
@@ -172,19 +205,17 @@ class Node:
         self = cls(_created=True)
         self.config = config
         home = config.home_path
-        new_lineage: Path | None = None
+        made: list[Path] = []  # what this start created in the home; removed again if it fails
         try:
             home.mkdir(parents=True, exist_ok=True)
             self.identity = _load_identity(home / "identity.pem")
-            self.event = _load_node_event(config, home, self.identity.peer_id)
+            event = _local_event(config, home, self.identity.peer_id)
             try:
                 self.store = LineageStore.open(home / "lineage")
             except RepositoryNotFound:
-                new_lineage = home / "lineage"
-                self.store = LineageStore.init(new_lineage)
+                made.append(home / "lineage")
+                self.store = LineageStore.init(home / "lineage")
             self._closers.append(("lineage", self.store.close))
-            self.task = await asyncio.to_thread(load_task, self.event.task, **self.event.task_options)
-            head = await asyncio.to_thread(seed_version, self.store, self.task, self.event)
             from p2pmodel.daemon.faults import transport_class
 
             self.transport = await transport_class(config.fault).create(
@@ -198,6 +229,25 @@ class Node:
             self._closers.append(("transport", lambda: self.transport.shutdown(self._time_left(5.0))))
             self.transport.add_source(self._serve_lineage_object, kind="lineage")
             await serve_certificates(self.transport, self.store)  # joiners check the chain with them
+            # the event and its seed, verified by hash before anything else starts (daemon/joining.py)
+            sources = peer_ids_of(config.peers)
+            if event is None:
+                event, sources = await fetch_event(self.transport, sources, config.event_id)
+                _check_home(home, None, event)
+                if not event.seeder:
+                    raise NodeError(f"event {config.event_id[:12]} names no seeder, so no joiner can check its history")
+            self.event = event
+            if event.seed_version and not self.store.index.has_version(event.seed_version):
+                try:
+                    await fetch_seed(self.transport, self.store, event.seed_version, [*sources, *self.transport.known_peers()])
+                except SyncError as e:
+                    raise NodeError(f"cannot fetch the event's seed version: {e}") from None
+            if not (home / MODEL_FOLDER).exists():
+                made.append(home / MODEL_FOLDER)
+            options, _ = await asyncio.to_thread(task_options, event, config.data, self.store, home)
+            self.task = await asyncio.to_thread(load_task, event.task, **options)
+            head = await asyncio.to_thread(seed_version, self.store, self.task, event)
+            self.transport.put_blob(event.manifest_bytes(), kind="manifest")  # any peer hands the event on
             self.trainer = Trainer(
                 self.task,
                 config.device,
@@ -230,8 +280,8 @@ class Node:
             )
         except BaseException:
             await self._close_resources()
-            if new_lineage is not None:  # it holds the seed of an event this home never joined
-                shutil.rmtree(new_lineage, ignore_errors=True)
+            for path in made:  # the seed of an event this home never joined, its model folder
+                shutil.rmtree(path, ignore_errors=True)
             raise
         logger.info(
             "node ready",
@@ -251,10 +301,10 @@ class Node:
             return None
 
     async def join_line(self) -> str:
-        """The exact command others run to join this swarm."""
+        """The exact command others run to join this swarm: where to reach us, and the event id.
+        Nothing else: the manifest and the seed version are fetched from us by hash."""
         addrs = " ".join(await self.transport.visible_maddrs())
-        event = f" --event {self.config.event}" if self.config.event else ""
-        return f"p2pmodel join --peers {addrs} --seeder {self.event.seeder}{event}"
+        return f"p2pmodel join --peers {addrs} --event-id {self.event.event_hash()}"
 
     # ------------------------------------------------------------------------------ running
 

@@ -30,7 +30,10 @@ from p2pmodel.ci import median_metrics
 from p2pmodel.protocols.certificate import CertificateError, Link, check_link, open_certificate, quorum, verify_chain, vouches
 from p2pmodel.protocols.messages import MAX_RECORD, Commit, Vote
 
-__all__ = ["SyncError", "CertifiedVersion", "quorum", "commit_signers", "link_of", "verify_commit", "verify_by_chain", "sync_version"]
+__all__ = [
+    "SyncError", "CertifiedVersion", "quorum", "commit_signers", "link_of", "verify_commit", "verify_by_chain", "sync_version",
+    "fetch_seed",
+]  # fmt: skip
 
 logger = get_logger(__name__)
 
@@ -238,20 +241,8 @@ async def sync_version(
                     frontier.append(Version.from_bytes(record))
                 except LineageError as e:
                     raise SyncError(parent, f"bad version record ({e})") from None
-    sem = asyncio.Semaphore(_FETCH_CONCURRENCY)
-
-    async def need(oid: str) -> None:
-        if await asyncio.to_thread(store.has_intact_object, oid):
-            return
-        async with sem:
-            data = await _fetch(transport, peers, oid, MAX_TENSOR_OBJECT, "tensor")
-        try:
-            await asyncio.to_thread(store.write_object, oid, data)
-        except LineageError as e:
-            raise SyncError(oid, f"object failed verification ({e})") from None
-
     for v in reversed(chain):  # oldest first: parents are indexed before children
-        await asyncio.gather(*(need(oid) for oid in v.referenced_objects()))
+        await _fetch_objects(transport, store, v, peers)
         ann = target.annotations() if v.id == target.id and target.votes else None
         try:
             await asyncio.to_thread(store.put_version, v, ann)
@@ -264,3 +255,53 @@ async def sync_version(
     if chain:
         logger.info("synced", version=target.id[:12], round=target.round, added=len(chain))
     return len(chain)
+
+
+async def _fetch_objects(transport: Transport, store: LineageStore, version: Version, peers: Sequence[str]) -> None:
+    """Make every object `version` references local (tensors, files, optimizer state), each
+    verified by the transport against its id and again by `LineageStore.write_object`."""
+    sem = asyncio.Semaphore(_FETCH_CONCURRENCY)
+
+    async def need(oid: str) -> None:
+        if await asyncio.to_thread(store.has_intact_object, oid):
+            return
+        async with sem:
+            data = await _fetch(transport, peers, oid, MAX_TENSOR_OBJECT, "tensor")
+        try:
+            await asyncio.to_thread(store.write_object, oid, data)
+        except LineageError as e:
+            raise SyncError(oid, f"object failed verification ({e})") from None
+
+    await asyncio.gather(*(need(oid) for oid in version.referenced_objects()))
+
+
+async def fetch_seed(transport: Transport, store: LineageStore, version_id: str, peers: Sequence[str]) -> Version:
+    """Make an event's seed version local and point `main` at it (if `main` does not exist yet).
+
+    The id comes from the event manifest, which its hash (the event id) vouches for, so the id
+    is all the trust needed: the record and every object are fetched by id and verified. No
+    certificate: a seed is no round's version.
+
+    Raises:
+        SyncError: no peer served an object, an object did not verify, or the record is not a
+            root version (a seed has no parents).
+    """
+    if not store.index.has_version(version_id):
+        record = await _fetch(transport, peers, version_id, MAX_RECORD, "version")
+        try:
+            version = Version.from_bytes(record)
+        except LineageError as e:
+            raise SyncError(version_id, f"bad version record ({e})") from None
+        if version.id != version_id:
+            raise SyncError(version_id, f"the record served is version {version.id[:12]}")
+        if version.parents:
+            raise SyncError(version_id, "not a seed version (it has parents)")
+        await _fetch_objects(transport, store, version, peers)
+        try:
+            await asyncio.to_thread(store.put_version, version)
+        except LineageError as e:
+            raise SyncError(version_id, str(e)) from None
+        logger.info("fetched the seed version", version=version_id[:12], tensors=len(version.tensors), files=len(version.files))
+    if "main" not in store.branches():
+        await asyncio.to_thread(store.set_ref, "main", version_id, None)
+    return await asyncio.to_thread(store.get_version, version_id)

@@ -444,6 +444,11 @@ class Transport:
         """How many other DHT nodes this node knows."""
         return len(self._node.protocol.routing_table.uid_to_peer_id)
 
+    def known_peers(self) -> list[str]:
+        """libp2p ids (base58) of the DHT nodes this node knows: whom a joiner can ask for objects
+        when its bootstrap peer serves none (a stock `hivemind-dht`)."""
+        return [p.to_base58() for p in self._node.protocol.routing_table.uid_to_peer_id.values()]
+
     # ---------------------------------------------------------------------------------- records
 
     async def publish(

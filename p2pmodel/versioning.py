@@ -135,6 +135,7 @@ def build_round_version(
         round=spec.round,
         merge=merge_spec,
         contributors=tuple(c.peer_id for c in contributions),
+        files=base_version.files,  # config.json, tokenizer files: a round changes the weights only
         optimizer_state=optimizer_state,
     )
     return version, new_params

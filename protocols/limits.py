@@ -22,6 +22,7 @@ MAX_TEXT = 256  # UTF-8 bytes of a free-text scalar (capability value, reject de
 MAX_NAME = 64  # bytes of a merge method name (ASCII)
 MAX_LIBP2P_ID = 128  # bytes of a base58 libp2p peer id (ASCII)
 MAX_RECORD = 4 * MiB  # bytes of one lineage version record
+MAX_MANIFEST = 256 * KiB  # bytes of an event manifest (canonical JSON) a joiner fetches by its id
 MAX_U63 = (1 << 63) - 1  # integers are non-negative and fit a signed 64-bit int
 
 # Largest encoded message, in bytes, per type. A reader checks the size before parsing.

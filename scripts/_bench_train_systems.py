@@ -554,7 +554,7 @@ def run_swarm(spec_path: Path, spec: RunSpec) -> dict[str, Any]:
     rounds = spec.steps // spec.inner_steps
     event_path = spec.dir / "event.json"
     event_path.write_text(json.dumps(spec.event, indent=2))
-    common = ["--event", str(event_path), "--status-port", "0", "--device", "cpu", "--cpu-threads", str(spec.threads)]
+    common = ["--status-port", "0", "--device", "cpu", "--cpu-threads", str(spec.threads)]
     common += ["--max-rounds", str(rounds + 2), "--log-level", "INFO"]
     planned = spec.peers * spec.steps * spec.batch_size
     nodes = [_Node(spec, i) for i in range(spec.peers)]
@@ -562,9 +562,9 @@ def run_swarm(spec_path: Path, spec: RunSpec) -> dict[str, Any]:
     deadline = start + spec.timeout_s
     problems: list[str] = []
     try:
-        nodes[0].start(common, stdout=subprocess.PIPE)
+        nodes[0].start(["--event", str(event_path), *common], stdout=subprocess.PIPE)
         join = _read_join_line(nodes[0].proc, deadline)
-        extra = join.split("p2pmodel join", 1)[1].split()  # --peers ... --seeder ... [--event ...]
+        extra = join.split("p2pmodel join", 1)[1].split()  # --peers ... --event-id ...: the event comes by hash
         for node in nodes[1:]:
             node.start([*extra, *common], stdout=subprocess.DEVNULL)
         problems += _follow_swarm(nodes, lambda n: rounds_to_target(n.committed(), rounds, planned) is not None, deadline)

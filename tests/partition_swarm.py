@@ -123,7 +123,7 @@ def _failed(node: SwarmNode) -> bool:
 def _addrs_from_log(log: Path) -> list[str]:
     import re
 
-    m = re.search(r"p2pmodel join --peers (.+?) --seeder", log.read_text())
+    m = re.search(r"p2pmodel join --peers (.+?) --event-id", log.read_text())
     return m.group(1).split() if m else []
 
 

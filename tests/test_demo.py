@@ -26,7 +26,7 @@ def demo_output(tmp_path_factory) -> str:
 
 
 def test_demo_prints_the_join_line_others_would_run(demo_output):
-    assert re.search(r"p2pmodel join --peers /ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+ --seeder [0-9a-f]{40}", demo_output)
+    assert re.search(r"p2pmodel join --peers /ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+ --event-id [0-9a-f]{64}$", demo_output, re.M)
 
 
 def test_demo_reports_each_round_with_its_time_split(demo_output):

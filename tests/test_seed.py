@@ -3,9 +3,12 @@ daemon.config).
 
 Guarantees:
 - the manifest `seed` writes loads back (`load_event`) as exactly the default event plus the
-  `--set` overrides, with the founder's identity as seeder: same `EventConfig`, same event_hash;
+  `--set` overrides, with the founder's identity as seeder and the seed version it committed:
+  same `EventConfig`, same event_hash;
 - it lists every setting with its field's help as a comment, and reads as TOML or JSON alike;
-- the seed version in the founder's lineage is the one every joiner builds from the manifest;
+- the manifest names the seed version on `main` of the founder's lineage (joiners fetch it by id);
+- seeding from a Hugging Face folder keeps the model, `config.json` and tokenizer files in the
+  seed version (it exports as a folder `from_pretrained` loads) and no path in the event;
 - every setting that cannot work is a `ConfigError` naming its key (`codec.densty`), one line;
 - on the command line (`seed`, and `join` before it touches its home) such an error is one
   line on stderr and exit code 2; a failed seed leaves no folder behind.
@@ -28,7 +31,7 @@ import pytest
 from p2pmodel.cli import main
 from p2pmodel.daemon.config import ConfigError, EventConfig, event_from_mapping, load_event
 from p2pmodel.daemon.manifest import event_to_toml, with_settings
-from p2pmodel.daemon.node import seed_version
+from p2pmodel.daemon.node import NodeError, seed_version
 from p2pmodel.lineage import LineageStore
 from p2pmodel.protocols.signing import PeerIdentity
 from p2pmodel.tasks import load_task
@@ -55,10 +58,13 @@ def seeded(tmp_path_factory) -> Path:
 
 def test_manifest_loads_as_the_defaults_plus_the_overrides(seeded):
     founder = PeerIdentity.load(seeded / "founder" / "identity.pem")
+    with LineageStore.open(seeded / "founder" / "lineage") as store:
+        seed_id = store.resolve("main")
     expected = dataclasses.replace(
         EventConfig(),
         name="spec",
         seeder=founder.peer_id,
+        seed_version=seed_id,
         task_options=TINY,
         inner_steps=20,
         codec={"encoder": "lowbit", "value_bits": 1, "block_size": 1024},
@@ -85,10 +91,20 @@ def test_manifest_shows_the_defaults_of_what_a_table_leaves_out(seeded):
     assert "inner_steps = 20  # default: 50" in text
 
 
-def test_seed_version_is_the_one_every_joiner_builds(seeded, tmp_path):
+def test_the_manifest_names_the_seed_version_on_the_founders_main(seeded):
     event = load_event(str(seeded / "event.toml"))
-    with LineageStore.open(seeded / "founder" / "lineage") as founder, LineageStore.init(tmp_path / "joiner") as joiner:
-        assert seed_version(joiner, load_task(event.task, **event.task_options), event) == founder.resolve("main")
+    with LineageStore.open(seeded / "founder" / "lineage") as founder:
+        seed = founder.get_version("main")
+        assert (seed.id, seed.parents) == (event.seed_version, ())
+        model = load_task(event.task, **event.task_options).build_model()
+        assert set(seed.tensors) == set(model.state_dict())
+
+
+def test_a_node_without_the_named_seed_version_refuses_to_build_one(seeded, tmp_path):
+    # the seed comes from peers by id (daemon/joining.py); building it locally could differ
+    event = load_event(str(seeded / "event.toml"))
+    with LineageStore.init(tmp_path / "joiner") as joiner, pytest.raises(NodeError, match="seed version"):
+        seed_version(joiner, load_task(event.task, **event.task_options), event)
 
 
 def test_seed_prints_the_line_that_starts_the_founders_node(tmp_path, capsys):
@@ -296,26 +312,58 @@ def hf_folder(tmp_path_factory) -> tuple[Path, Path]:
     return root / "tiny", root / "data.txt"
 
 
-def test_seed_from_a_hf_folder_makes_an_hf_event_on_that_folder(hf_folder, tmp_path):
-    model, text = hf_folder
+def _seed_hf(model: Path, out: Path, *extra: str) -> int:
+    return main(["seed", "--from", str(model), "--name", "hf", "--set", "task_options.context=32", *extra, "-o", str(out)])
+
+
+def test_seed_from_a_hf_folder_holds_the_model_and_no_path_in_the_event(hf_folder, tmp_path):
+    model, _ = hf_folder
     out = tmp_path / "ev"
-    assert main(["seed", "--from", str(model), "--name", "hf", "--set", f'task_options.text_files=["{text}"]',
-                 "--set", "task_options.context=32", "-o", str(out)]) == 0  # fmt: skip
+    assert _seed_hf(model, out) == 0
     event = load_event(str(out / "event.toml"))
-    assert (event.task, event.task_options["model_dir"]) == ("hf", str(model.resolve()))
+    assert event.task == "hf" and event.task_options == {"context": 32}  # no model_dir, no text_files
+    with LineageStore.open(out / "founder" / "lineage") as store:
+        seed = store.get_version(event.seed_version)
+        assert store.get_file(seed.files["config.json"]) == (model / "config.json").read_bytes()
+        assert "lm_head.weight" in seed.tensors  # tied: under both names, as from_config's model has it
 
 
-def test_seed_from_a_ref_exports_that_version_for_the_event(hf_folder, tmp_path):
-    model, text = hf_folder
+def test_the_hf_seed_version_exports_as_a_folder_from_pretrained_loads(hf_folder, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    model, _ = hf_folder
+    out = tmp_path / "ev"
+    assert _seed_hf(model, out) == 0
+    assert main(["--repo", str(out / "founder" / "lineage"), "export", "main", "-o", str(tmp_path / "x"), "--format", "hf"]) == 0
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "x").eval()(ids).logits
+        want = transformers.AutoModelForCausalLM.from_pretrained(model).eval()(ids).logits
+    assert torch.equal(got, want)
+
+
+def test_seed_from_a_ref_holds_that_versions_model(hf_folder, tmp_path):
+    model, _ = hf_folder
     repo, out = tmp_path / "repo", tmp_path / "ev"
     assert main(["--repo", str(repo), "init"]) == 0
     assert main(["--repo", str(repo), "commit", str(model), "-m", "base"]) == 0
-    assert main(["--repo", str(repo), "seed", "--from", "main", "--name", "hf", "--set", f'task_options.text_files=["{text}"]',
-                 "--set", "task_options.context=32", "-o", str(out)]) == 0  # fmt: skip
-    assert load_event(str(out / "event.toml")).task_options["model_dir"] == str(out / "model")
-    assert (out / "model" / "config.json").is_file()
+    assert main(["--repo", str(repo), "seed", "--from", "main", "--name", "hf", "--set", "task_options.context=32", "-o", str(out)]) == 0
+    event = load_event(str(out / "event.toml"))
+    with LineageStore.open(repo) as src, LineageStore.open(out / "founder" / "lineage") as dst:
+        base, seed = src.get_version("main"), dst.get_version(event.seed_version)
+        assert all(seed.tensors[n].oid == e.oid for n, e in base.tensors.items())
+        assert seed.files["config.json"] == base.files["config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["event.toml", "founder"]  # no model folder: the seed holds it
 
 
-def test_seed_from_an_hf_folder_without_text_names_the_missing_option(hf_folder, tmp_path, capsys):
-    assert main(["seed", "--from", str(hf_folder[0]), "--name", "hf", "-o", str(tmp_path / "ev")]) == 2
-    assert "task_options.text_files" in capsys.readouterr().err
+@pytest.mark.parametrize("key", ["text_files", "model_dir"])
+def test_a_path_in_an_hf_events_task_options_is_refused(hf_folder, tmp_path, capsys, key):
+    model, text = hf_folder
+    assert _seed_hf(model, tmp_path / "ev", "--set", f'task_options.{key}=["{text}"]') == 2
+    assert key in capsys.readouterr().err and not (tmp_path / "ev").exists()
+
+
+def test_an_hf_context_beyond_the_models_positions_is_refused_at_seed(hf_folder, tmp_path, capsys):
+    assert _seed_hf(hf_folder[0], tmp_path / "ev", "--set", "task_options.context=1000") == 2
+    assert "context 1000" in capsys.readouterr().err

@@ -4,17 +4,21 @@
 
 writes a new folder:
 
-- `EVENT_DIR/event.toml` — the manifest (daemon/manifest.py): every setting, commented; the
-  file volunteers pass to `p2pmodel join --event`;
+- `EVENT_DIR/event.toml` — the manifest (daemon/manifest.py): every setting, commented. Its
+  `seed_version` names the seed version; its hash is the event id. Volunteers need neither
+  this file nor any other: the swarm serves both by hash (the join line's `--event-id`);
 - `EVENT_DIR/founder/` — the founder's node home: its identity (`identity.pem`, the event's
-  `seeder`; keep it private) and `lineage/` holding the seed version on `main`, built by the
-  same `daemon.node.seed_version` every joining peer runs, so theirs has the same id;
-- `EVENT_DIR/model/` — with `--from REF` only: the version exported as a Hugging Face folder,
-  which the event's `hf` task reads.
+  `seeder`; keep it private) and `lineage/` holding the seed version on `main`.
 
-The event is checked whole (`config.event_from_mapping`) and its task built before anything is
-written; a failed seed leaves no folder behind. It prints the line that starts the founder's
-node, which in turn prints the line volunteers paste.
+The seed version holds the model every peer starts from: the task's model (`--task`), or a
+Hugging Face causal LM (`--from` a folder, or a version of `--repo` holding one) with its
+`config.json` and tokenizer files, so every version of the event exports with
+`p2pmodel export REF --format hf` and loads with `from_pretrained`. No path is part of the
+event: each volunteer trains an hf event on text of their own (`join --data`).
+
+The event is checked whole (`config.event_from_mapping`, and an hf event's options against the
+model) before anything is written; a failed seed leaves no folder behind. It prints the line
+that starts the founder's node, which in turn prints the line volunteers paste.
 """
 
 from __future__ import annotations
@@ -54,47 +58,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--task", help='task plugin to train: "charlm", "hf" or "package.module:object"')
     source.add_argument("--from", dest="source", metavar="MODEL_DIR_OR_REF",
                         help="a Hugging Face causal LM folder (with config.json), or a version of --repo "
-                             "that holds one; the event trains it (hf task; give task_options.text_files)")  # fmt: skip
+                             "that holds one; the event trains it (hf task; volunteers bring their text: join --data)")  # fmt: skip
     p.add_argument("--name", required=True, help="event name (letters, digits, '.', '_', '-'); part of every DHT key")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting (repeatable), e.g. inner_steps=20, codec.value_bits=1, "
-                        "task_options.text_files='[\"data/\"]'; values are TOML, bare text is a string")  # fmt: skip
+                        "task_options.context=256; values are TOML, bare text is a string")  # fmt: skip
     p.add_argument("-o", "--output", required=True, metavar="EVENT_DIR", help="folder to write (new, or empty)")
     p.set_defaults(func=cmd_seed)
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
-    from p2pmodel.daemon.config import ConfigError, EventConfig, event_from_mapping, load_event
+    from p2pmodel.daemon.config import EventConfig, event_from_mapping, load_event
     from p2pmodel.daemon.manifest import event_to_toml, with_settings
     from p2pmodel.protocols.signing import PeerIdentity
 
     out = Path(args.output).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty folder; seed writes a new event folder")
+    if args.task == "hf":
+        raise UsageError("an hf event starts from a model: use --from MODEL_DIR (or --from REF of --repo)")
     data: dict[str, Any] = dataclasses.asdict(EventConfig())
     data["name"] = args.name
-    ref = None
+    model_dir = ref = None
     if args.task is not None:
         data["task"] = args.task
     else:
         model_dir, ref = _model_source(args.source)
         data["task"] = "hf"
-        data["task_options"] = {"model_dir": str(model_dir or out / "model")}  # a ref is exported there
     data = with_settings(data, args.settings)
+    if data.get("seed_version"):
+        raise UsageError("--set seed_version: seed commits the seed version and names it itself")
     identity = None
     if not data.get("seeder"):  # the founder is a new identity, unless --set seeder names one
         identity = PeerIdentity.generate()
         data["seeder"] = identity.peer_id
     event = event_from_mapping(data, source="event")
-    if event.task == "hf" and "text_files" not in event.task_options:
-        raise ConfigError("event", "the hf task trains on text: --set task_options.text_files='[\"data/\"]'",
-                          key="task_options.text_files")  # fmt: skip
 
     founder, manifest = out / "founder", out / "event.toml"
     with _new_folder(out):
         if ref is not None:
-            _export_hf(args.repo, ref, out / "model")
-        vid, task_config = _seed_lineage(founder / "lineage", event)
+            model_dir = out / ".model-export"
+            _export_hf(args.repo, ref, model_dir)
+        vid, task_config = _seed_lineage(founder / "lineage", event, model_dir)
+        if ref is not None:
+            shutil.rmtree(model_dir)  # the seed version holds it now
+        event = event_from_mapping({**dataclasses.asdict(event), "seed_version": vid}, source="event")
         if identity is not None:
             identity.save(founder / "identity.pem")
         manifest.write_text(event_to_toml(event, task_config))
@@ -105,7 +113,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     print(f"seeded event {event.name} (event {event.event_hash()[:12]}, seed version {vid[:12]}) in {out}")
     if identity is None:
         print(f"(the seeder {event.seeder[:12]} is not this machine: put its identity.pem in {founder} first)")
-    print("start the swarm with this line; it prints the line volunteers paste (they need only event.toml):")
+    print("start the swarm with this line; it prints the line volunteers paste (they need nothing else):")
     print(f"  p2pmodel join --home {shlex.quote(str(founder))} --event {shlex.quote(str(manifest))}", flush=True)
     return 0
 
@@ -136,18 +144,31 @@ def _export_hf(repo: str, ref: str, dest: Path) -> None:
         write_hf_folder(dest, tensors, files, layout={n: (e.dtype, e.shape) for n, e in v.tensors.items()})
 
 
-def _seed_lineage(path: Path, event: Any) -> tuple[str, dict[str, Any]]:
-    """Commit the event's seed version into a new lineage at `path`; returns its id and the
-    task's full options (listed in the manifest)."""
-    from p2pmodel.daemon.node import seed_version
+def _seed_lineage(path: Path, event: Any, model_dir: Path | None) -> tuple[str, dict[str, Any]]:
+    """Commit the event's seed version on `main` of a new lineage at `path`.
+
+    `model_dir` (hf events): the seed holds that model's parameters, `config.json` and
+    tokenizer files (`tasks.hf.seed_content`), and the event's task options are checked
+    against it; otherwise the task's model. Returns the seed's id and the task's full options
+    (the manifest lists those it leaves at their defaults).
+    """
     from p2pmodel.lineage import LineageStore
     from p2pmodel.tasks import load_task
 
-    task = load_task(event.task, **event.task_options)
+    if model_dir is not None:
+        from p2pmodel.tasks.hf import check_options, seed_content
+
+        task_config = check_options(model_dir, event.task_options)
+        state, files = seed_content(model_dir, dtype=task_config["dtype"], seed=task_config["seed"])
+    else:
+        task = load_task(event.task, **event.task_options)
+        state, files = {k: v.detach().to("cpu") for k, v in task.build_model().state_dict().items()}, {}
+        task_config = task.config()
     path.parent.mkdir(parents=True, exist_ok=True)
     with LineageStore.init(path) as store:
-        vid = seed_version(store, task, event)
-    return vid, task.config()
+        # time 0 and a fixed author: the id depends only on the model and the event's name
+        version = store.commit(state, parents=[], message=f"seed of event {event.name}", time=0.0, author="seed", files=files)
+    return version.id, task_config
 
 
 @contextlib.contextmanager

@@ -178,7 +178,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     exe = [sys.executable, "-c", "import sys; from p2pmodel.cli import main; sys.exit(main())"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cpu = max(1, (os.cpu_count() or 2) // args.nodes)
-    common = ["--event", str(event_path), "--status-port", "0", "--device", args.device, "--cpu-threads", str(cpu)]
+    # only the founder reads the file; the others get the event from it by hash (the join line)
+    common = ["--status-port", "0", "--device", args.device, "--cpu-threads", str(cpu)]
     common += ["--max-rounds", str(args.rounds)]
     procs: list[subprocess.Popen] = []
     logs = []
@@ -186,7 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         first_log = open(root / "node0.log", "w")
         logs.append(first_log)
-        procs.append(subprocess.Popen([*exe, "join", "--home", str(root / "node0"), *common], stdout=subprocess.PIPE, stderr=first_log, env=env, text=True))
+        procs.append(subprocess.Popen([*exe, "join", "--home", str(root / "node0"), "--event", str(event_path), *common], stdout=subprocess.PIPE, stderr=first_log, env=env, text=True))
         join = _read_join_line(procs[0], deadline)
         print(f"node0 founded the swarm; the others run:\n  {join}", flush=True)
         extra = join.split("p2pmodel join", 1)[1].split()

@@ -5,8 +5,16 @@ when a task is built, and its absence is a `TaskError` that says how to install 
 Nothing is downloaded: the model folder and the text files are read from disk
 (`local_files_only=True`).
 
+In a swarm, neither path is part of the event: `p2pmodel seed --from DIR` stores the model
+(`seed_content`: its parameters, `config.json` and tokenizer files) as the event's seed
+version, and each node writes that version's files to a folder of its own and passes it as
+`model_dir`; `text_files` are the volunteer's own (`join --data`). The event holds only the
+options that must agree (`context`, `batch_size`, `seed`, ...), checked without any text by
+`check_options`.
+
 - Model: the folder's weights if it has any (`from_pretrained`); a folder with only a
-  `config.json` gets a fresh init seeded by `seed`, identical on every peer.
+  `config.json` gets a fresh init seeded by `seed`, identical on every peer (a node then
+  loads the seed version's parameters into it).
 - Tokenizer: the folder's own if it has tokenizer files; otherwise bytes are token ids
   (the model's vocabulary must then have at least 256 entries).
 - Data: the files' token ids, concatenated (up to `max_tokens`), cut into windows of
@@ -19,10 +27,11 @@ Nothing is downloaded: the model folder and the text files are read from disk
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +39,17 @@ from torch import nn
 
 from p2pmodel.tasks import TaskError
 
-__all__ = ["HFCausalLMTask"]
+__all__ = ["HFCausalLMTask", "seed_content", "check_options", "SIDE_FILES", "LOCAL_OPTIONS"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# What a seed version keeps of a model folder besides the weights: what `from_pretrained`
+# and `AutoTokenizer` read. Other files (README, licences, other weight formats) stay out.
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
+)  # fmt: skip
+LOCAL_OPTIONS = ("model_dir", "text_files")  # paths on one machine: given by the node, never in an event
 
 
 def _transformers() -> Any:
@@ -100,27 +116,16 @@ class HFCausalLMTask:
         if isinstance(text_files, (str, Path)):
             text_files = [text_files]
         self.model_dir = Path(model_dir)
-        if not (self.model_dir / "config.json").is_file():
-            raise TaskError("hf", f"{str(self.model_dir)!r} is not a model folder (no config.json)")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise TaskError("hf", f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
-        if not 0.0 < eval_fraction < 1.0:
-            raise TaskError("hf", f"eval_fraction must be in (0, 1), got {eval_fraction}")
         self.text_files = [str(p) for p in text_files]
         self.context, self.batch_size, self.seed = context, batch_size, seed
         self.eval_fraction, self.n_eval_batches = eval_fraction, eval_batches
         self.max_tokens, self.dtype = max_tokens, dtype
-
-        tf = _transformers()
-        self._hf_config = tf.AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
-        max_pos = getattr(self._hf_config, "max_position_embeddings", None) or getattr(self._hf_config, "n_positions", None)
-        if max_pos is not None and context > max_pos:
-            raise TaskError("hf", f"context {context} exceeds the model's {max_pos} positions")
+        self._hf_config = _checked(self.model_dir, context=context, dtype=dtype, eval_fraction=eval_fraction)
+        if not text_files:
+            raise TaskError("hf", "no text to train on: pass your own text files or folders (`p2pmodel join --data PATH...`)")
         self.tokenizer = None
         if any((self.model_dir / f).is_file() for f in _TOKENIZER_FILES):
-            self.tokenizer = tf.AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        elif self._hf_config.vocab_size < 256:
-            raise TaskError("hf", f"no tokenizer in the folder and vocab_size {self._hf_config.vocab_size} < 256 for bytes")
+            self.tokenizer = _transformers().AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         self._train, self._eval = self._load_windows(_expand(self.text_files))
 
     def _encode(self, text: bytes) -> list[int]:
@@ -162,15 +167,7 @@ class HFCausalLMTask:
         }
 
     def build_model(self) -> nn.Module:
-        tf = _transformers()
-        dtype = getattr(torch, self.dtype)
-        if any((self.model_dir / f).is_file() for f in _WEIGHT_FILES):
-            model = tf.AutoModelForCausalLM.from_pretrained(self.model_dir, local_files_only=True, **_dtype_kwarg(tf, dtype))
-        else:
-            with torch.random.fork_rng(devices=[]):  # HF inits from the global RNG
-                torch.manual_seed(_seed_int("hf", self.seed, "init"))
-                model = tf.AutoModelForCausalLM.from_config(self._hf_config, **_dtype_kwarg(tf, dtype))
-        return model
+        return _build_model(self.model_dir, self._hf_config, self.dtype, self.seed)
 
     def batches(self, peer_seed: int, device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(_seed_int("hf", self.seed, peer_seed, "batches"))
@@ -195,3 +192,67 @@ class HFCausalLMTask:
             model.train(was_training)
         eval_loss = total / len(self._eval)
         return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+def _checked(model_dir: Path, *, context: int, dtype: str, eval_fraction: float) -> Any:
+    """The folder's transformers config, once the options fit it; else TaskError."""
+    if not (model_dir / "config.json").is_file():
+        raise TaskError("hf", f"{str(model_dir)!r} is not a model folder (no config.json)")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise TaskError("hf", f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    if not 0.0 < eval_fraction < 1.0:
+        raise TaskError("hf", f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    hf_config = _transformers().AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if max_pos is not None and context > max_pos:
+        raise TaskError("hf", f"context {context} exceeds the model's {max_pos} positions")
+    if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES) and hf_config.vocab_size < 256:
+        raise TaskError("hf", f"no tokenizer in the folder and vocab_size {hf_config.vocab_size} < 256 for bytes")
+    return hf_config
+
+
+def _build_model(model_dir: Path, hf_config: Any, dtype_name: str, seed: int) -> nn.Module:
+    tf = _transformers()
+    dtype = getattr(torch, dtype_name)
+    if any((model_dir / f).is_file() for f in _WEIGHT_FILES):
+        return tf.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **_dtype_kwarg(tf, dtype))
+    with torch.random.fork_rng(devices=[]):  # HF inits from the global RNG
+        torch.manual_seed(_seed_int("hf", seed, "init"))
+        return tf.AutoModelForCausalLM.from_config(hf_config, **_dtype_kwarg(tf, dtype))
+
+
+def check_options(model_dir: str | Path, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Check an event's hf task options against a model folder, without any text; return
+    every option the task takes (but the local ones) with its value or default.
+
+    Raises:
+        TaskError: an unknown or local option (`model_dir`, `text_files`: each node's own), or
+            a value the folder cannot take (context beyond its positions, a bad dtype).
+    """
+    params = {n: p.default for n, p in inspect.signature(HFCausalLMTask.__init__).parameters.items() if n not in ("self", *LOCAL_OPTIONS)}
+    for name in options:
+        if name in LOCAL_OPTIONS:
+            raise TaskError("hf", f"{name} is local to each node, not part of the event (model: the seed version; text: join --data)")
+        if name not in params:
+            raise TaskError("hf", f"unknown option {name!r} (known: {', '.join(params)})")
+    values = {**params, **options}
+    _checked(Path(model_dir), context=values["context"], dtype=values["dtype"], eval_fraction=values["eval_fraction"])
+    return values
+
+
+def seed_content(model_dir: str | Path, *, dtype: str = "float32", seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+    """What the seed version of an event on this folder holds: `(parameters, files)`.
+
+    Parameters are the model's state dict as transformers builds it (a tied output embedding
+    appears under both names; the lineage stores its bytes once), so every node can load them
+    into `from_config`'s model strictly. Files are the folder's `SIDE_FILES` (config.json,
+    tokenizer files): any version of the event then exports as a loadable folder.
+
+    Raises:
+        TaskError: not a model folder, or transformers is missing.
+    """
+    folder = Path(model_dir)
+    hf_config = _checked(folder, context=1, dtype=dtype, eval_fraction=0.5)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in _build_model(folder, hf_config, dtype, seed).state_dict().items()}
+    files = {name: (folder / name).read_bytes() for name in SIDE_FILES if (folder / name).is_file()}
+    return state, files
