@@ -881,6 +881,12 @@ class RoundRunner:
     # ------------------------------------------------------------------------------ commits
 
     def _certificate(self, round_: int, votes) -> tuple[bytes, ...]:
+        me = self.identity.peer_id
+        if any(v.voter == me for v in votes) and (round_, me) not in self._vote_envelopes:
+            # Our vote's publish task may not have run yet (we cast the last vote and commit in the
+            # same step): without this the certificate we store lacks our own vote, often below a
+            # quorum. Ed25519 is deterministic, so this is the envelope we publish.
+            self._vote_envelopes[(round_, me)] = sign(next(v for v in votes if v.voter == me), self.identity)
         return tuple(self._vote_envelopes[(round_, v.voter)] for v in votes if (round_, v.voter) in self._vote_envelopes)
 
     async def _commit_version(self, a: rm.CommitVersion) -> None:
