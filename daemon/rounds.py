@@ -6,8 +6,9 @@ returns; feed their results back as events. Every decision is the machine's.
 
 | action          | what the runner does                                                         |
 | --------------- | ---------------------------------------------------------------------------- |
-| Publish         | sign with our identity, push to the peers we know (not a Commit), store under |
-|                 | the round's DHT key                                                           |
+| Publish         | sign with our identity, push to the peers we know (not a Commit); store under |
+|                 | the round's DHT key only what a push missed (Commits, Departures: always);    |
+|                 | an announcement also refreshes our roster entry now and then                  |
 | StartTraining   | H inner steps in the trainer thread; add kept deltas; encode with error        |
 |                 | feedback; serve the bytes by hash -> TrainingDone                             |
 | KeepDelta       | keep that raw delta to add into the next one (and roll back error feedback)   |
@@ -20,7 +21,8 @@ returns; feed their results back as events. Every decision is the machine's.
 | SyncVersion     | fetch the version and missing ancestors (sync.py) -> VersionSynced/SyncFailed |
 | EnterRound, RoundFailed | log, status, bookkeeping                                              |
 
-DHT keys (`P` = the event's prefix): `P/r/<round>/{members,deltas,proposal,votes}` and `P/head`.
+DHT keys (`P` = the event's prefix): `P/r/<round>/{members,deltas,proposal,votes}`, `P/head`, and
+`P/peers` (the roster: each peer's latest announcement or departure, for discovery).
 
 The version a merge produces is a pure function of the proposal and the base version (see
 `_build_version`), so every honest peer derives the same id: parents, tensors, outer momentum,
@@ -71,9 +73,11 @@ from p2pmodel.protocols.signing import open_signed, sign
 from p2pmodel.screening import DeltaScreen
 
 # Records of a round that live peers need only while it runs: pushed first, stored in the DHT
-# only for peers the push missed (see `_publish`). Announcements (discovery), Commits (heads)
-# and Departures always go to the DHT too.
-PUSH_FIRST = (DeltaAnnouncement, Proposal, Vote)
+# only for peers the push missed (see `_publish`). Commits (heads) and Departures always go to
+# the DHT too. Discovery does not need a DHT store per round: each peer keeps its announcement in
+# the event's roster key (`{prefix}/peers`), written when its addresses change and refreshed
+# long before it expires, which is where joiners and laggards look for peers.
+PUSH_FIRST = (PeerAnnouncement, DeltaAnnouncement, Proposal, Vote)
 from p2pmodel.versioning import Contribution, OuterOptimizer, RoundSpec, build_round_version
 
 if TYPE_CHECKING:
@@ -97,6 +101,8 @@ POLL_TICK = 0.5  # seconds between checks of the above
 DISK_CHECK_EVERY = 5.0  # seconds between free-space checks (daemon/disk.py)
 DISK_MIN_FREE = 64 * 1024 * 1024  # bytes kept free besides three model copies (a version, deltas, a sync)
 HEAD_TTL = 24 * 3600.0  # seconds a published Commit stays in the DHT
+ROSTER_TTL = 30 * 60.0  # seconds our entry in the event's roster stays in the DHT ...
+ROSTER_REFRESH = 10 * 60.0  # ... rewritten after this long, or at once when our addresses change
 
 
 @dataclass
@@ -151,6 +157,8 @@ class _Delivery:
     warned: set[str] = field(default_factory=set)  # peers whose failed connect was logged at warning level
     recent: deque = field(default_factory=lambda: deque(maxlen=16))  # (round, envelope) we published
     dht_stores_skipped: int = 0  # round records every known peer took by push: not stored in the DHT
+    roster_written: float = -math.inf  # monotonic time our roster entry was last stored
+    roster_addrs: tuple[str, ...] = ()  # the addresses that entry announced
 
 
 @dataclass
@@ -298,13 +306,20 @@ class RoundRunner:
         return None
 
     async def _learn_peers(self, rounds: list[int]) -> None:
-        for r in rounds:
-            for value in (await self._fetch_key(f"{self.prefix}/r/{r}/members")).values():
+        """Meet the event's peers: the roster, and who announced itself for `rounds` by DHT."""
+        keys = [f"{self.prefix}/peers", *(f"{self.prefix}/r/{r}/members" for r in rounds)]
+        try:
+            found = await self.transport.fetch_many(keys, kind="record")
+        except TransportError as e:
+            logger.debug("dht read failed", keys=len(keys), error=str(e))
+            return
+        for records in found.values():
+            for value in records.values():
                 try:
                     msg, _ = open_signed(value)
                 except RemoteProtocolError:
                     continue
-                if isinstance(msg, PeerAnnouncement):
+                if isinstance(msg, PeerAnnouncement) and msg.event_hash == self.event.event_hash():
                     await self._note_peer(msg)
 
     async def _note_peer(self, msg: PeerAnnouncement) -> None:
@@ -467,6 +482,8 @@ class RoundRunner:
         self._seen_records.add(hashlib.sha256(envelope).digest())  # coming back from the DHT is no news
         if isinstance(msg, Vote):
             self._vote_envelopes[(msg.round, msg.voter)] = envelope
+        if self._roster_due(msg):
+            self._spawn(self._store(f"{self.prefix}/peers", envelope, ROSTER_TTL, msg.TYPE), "publish roster")
         if isinstance(msg, PUSH_FIRST):
             # A round's own records go to every peer we know at once; the DHT copy (3.5 kB of
             # DHT traffic per store at 3 nodes, more than the record) is written only when some
@@ -486,16 +503,35 @@ class RoundRunner:
             self._delivery.recent.append((msg.round, envelope))
             self._gossip.push(envelope)
         ttl = HEAD_TTL if isinstance(msg, Commit) else 3 * self.event.round_deadline
-        key = self._key_of(msg)
+        await self._store(self._key_of(msg), envelope, ttl, msg.TYPE)
+
+    def _roster_due(self, msg: Message) -> bool:
+        """Whether `msg` goes into our roster entry: a Departure always, an announcement when the
+        entry is old or announced other addresses (one DHT store per ROSTER_REFRESH, not per round)."""
+        d = self._delivery
+        if isinstance(msg, Departure):
+            return True
+        if not isinstance(msg, PeerAnnouncement):
+            return False
+        now = time.monotonic()
+        if tuple(msg.addrs) == d.roster_addrs and now - d.roster_written < ROSTER_REFRESH:
+            return False
+        d.roster_written, d.roster_addrs = now, tuple(msg.addrs)
+        return True
+
+    async def _store(self, key: str, envelope: bytes, ttl: float, kind: str) -> None:
+        """Store our signed record under `key` in the DHT (3 tries), else report the failure."""
         for attempt in range(3):
             try:
-                ok = await self.transport.publish(key, self.identity.peer_id, envelope, expiration_in(ttl), kind=msg.TYPE)
+                ok = await self.transport.publish(key, self.identity.peer_id, envelope, expiration_in(ttl), kind=kind)
                 if ok:
                     return
             except TransportError as e:
                 logger.debug("publish failed", key=key, error=str(e))
             await asyncio.sleep(0.5 * (attempt + 1))
-        self.record_error(f"could not publish {msg.TYPE} to {key}")
+        if key.endswith("/peers"):
+            self._delivery.roster_written = -math.inf  # try again with the next announcement
+        self.record_error(f"could not publish {kind} to {key}")
 
     async def _fetch_key(self, key: str) -> dict[str, bytes]:
         try:
@@ -530,7 +566,7 @@ class RoundRunner:
                     if near or head or due or now >= poll.next_read:
                         keys = [f"{self.prefix}/r/{r}/{k}" for k in ("members", "deltas", "proposal", "votes")]
                         if head:
-                            keys += [f"{self.prefix}/r/{r + 1}/members", f"{self.prefix}/head"]
+                            keys += [f"{self.prefix}/r/{r + 1}/members", f"{self.prefix}/head", f"{self.prefix}/peers"]
                             poll.next_head, poll.head_due = now + POLL_HEAD_EVERY, False
                         if near:
                             poll.deadline_read = deadline
