@@ -222,6 +222,16 @@ async def test_credits_are_the_leaderboard_over_the_branch(server):
     assert (board[MALLORY.peer_id]["deltas_screened"], board[MALLORY.peer_id]["samples_merged"]) == (1, 0.0)
 
 
+async def test_credits_carry_the_names_and_samples_the_node_saw_announced(server, lineage):
+    store, (_, _, r2) = lineage
+    observed = {"names": {ALICE.peer_id: "alice"}, "samples": {ALICE.peer_id: 100, MALLORY.peer_id: 40}}
+    store.annotate(r2, certificate={**store.annotations(r2).certificate, "observed": observed})
+    code, got = await get_json(server, "/api/credits")
+    board = {p["peer"]: p for p in got["peers"]}
+    assert (board[ALICE.peer_id]["name"], board[ALICE.peer_id]["samples_trained"]) == ("alice", 164.0)  # r1: its weight, r2: announced
+    assert (board[MALLORY.peer_id]["samples_trained"], board[BOB.peer_id]["name"]) == (40.0, None)
+
+
 async def test_credits_limit_is_bounded(server):
     code, _ = await get_json(server, "/api/credits?limit=5001")
     assert code == 400

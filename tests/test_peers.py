@@ -163,3 +163,13 @@ def test_snapshot_bounds_its_rows_and_says_so():
         announce(view, f"{i:040x}", i)
     snap = view.snapshot(now=100.0, limit=3)
     assert (len(snap["peers"]), snap["known"], snap["truncated"]) == (3, 5, True)
+
+
+@pytest.mark.parametrize("name", ["x" * 33, "esc\x1b[31m"])
+def test_join_refuses_a_bad_name_in_one_line_before_starting(name, tmp_path, capsys):
+    from p2pmodel.cli import main
+
+    assert main(["join", "--name", name, "--home", str(tmp_path / "home")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--name" in err and "\x1b" not in err  # the name is shown escaped
+    assert not (tmp_path / "home").exists()

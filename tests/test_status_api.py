@@ -10,11 +10,18 @@ and traffic; a blocking call on the loop shows up as lag of at least its duratio
 the JSON of the same moment, counters are typed `counter` and end in `_total`, units are seconds
 and bytes, a value the node does not know yet is absent (not 0), and each server has a registry
 of its own (nodes in one process never share, nor touch the global registry).
+
+`format_swarm` (`status --swarm`) shows one row per peer the node heard of: name, device, rate,
+rounds, reachability and our dial, with a legend for the reachability kinds it shows, and no
+terminal escape a peer put in its name; `--watch` needs a positive interval, fails in one line
+when no node ever answered, and otherwise prints every refresh until Ctrl-C, exit 0, saying so
+while the node is away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +32,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from p2pmodel.daemon.status import LagMonitor, StatusServer, StatusUnavailable, fetch_status, format_status
+from p2pmodel.daemon.status import LagMonitor, StatusServer, StatusUnavailable, fetch_status, format_status, format_swarm
 
 STATE = {
     "peer_id": "ab" * 20,
@@ -295,3 +302,109 @@ async def test_each_server_has_its_own_registry_and_reads_the_status_at_scrape_t
         await b.close()
     assert (_value(a_first, "p2pmodel_round"), _value(a_next, "p2pmodel_round"), _value(b_now, "p2pmodel_round")) == (1, 2, 9)
     assert REGISTRY.get_sample_value("p2pmodel_round") is None  # prometheus_client's global registry is untouched
+
+
+# ------------------------------------------------------------------------------ status --swarm, --watch
+
+ME, PEER, GONE = "1" * 40, "2" * 40, "3" * 40
+
+
+def _row(peer: str, **kw) -> dict:
+    row = {"peer_id": peer, "name": None, "self": False, "device": "cpu", "libp2p_id": "QmX", "addrs": [], "reachability": "unknown",
+           "dial": "not tried", "round": 7, "delta_round": 6, "delta_samples": 64, "merged_round": 5, "samples_per_s": None,
+           "last_seen_s": 3.0, "departed": False}
+    return {**row, **kw}
+
+
+SWARM_STATE = {
+    **STATE, "peer_id": ME, "event": "demo (0123456789ab)", "dht_peers": 4,
+    "swarm": {"known": 3, "truncated": False, "peers": [
+        _row(ME, name="alice", self=True, dial="self", reachability="loopback", samples_per_s=48.25),
+        _row(PEER, name="\x1b]0;pwned\x07bob\u202e", device="cuda:0", reachability="public", dial="ok", samples_per_s=120.0),
+        _row(GONE, departed=True, reachability="outbound-only", dial="failed", merged_round=None, last_seen_s=600.0),
+    ]},
+}
+
+
+def _line(text: str, peer: str) -> list[str]:
+    return next(line for line in text.splitlines() if line.strip().startswith(peer[:12])).split()
+
+
+def test_swarm_table_has_a_row_per_peer_with_what_it_announced_and_what_we_saw():
+    text = format_swarm(SWARM_STATE)
+    assert _line(text, ME) == [ME[:12], "alice", "cpu", "48.2", "7", "6", "5", "loopback", "self", "3s", "this", "node"]
+    assert _line(text, PEER)[3:10] == ["cuda:0", "120.0", "7", "6", "5", "public", "ok"]  # its name is two words here
+    assert _line(text, GONE)[1:] == ["-", "cpu", "-", "7", "6", "-", "outbound-only", "failed", "10m", "departed"]
+    assert "3 peers known to node 111111111111" in text.splitlines()[0] and "DHT routing table 4 peers" in text
+
+
+def test_swarm_table_explains_each_reachability_it_shows():
+    text = format_swarm(SWARM_STATE)
+    assert "public: announces a public address" in text and "outbound-only: announces no address" in text
+    assert "relay:" not in text
+
+
+def test_swarm_table_prints_no_terminal_escapes_from_a_name():
+    text = format_swarm(SWARM_STATE)
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert _line(text, PEER)[1:3] == ["]0;pwned", "bob"]  # the escape, bell and bidi override are gone
+
+
+def test_a_status_without_a_swarm_section_says_so():
+    assert "no swarm section" in format_swarm(STATE)
+
+
+def test_status_counts_the_peers_it_knows():
+    assert "3 known (status --swarm)" in format_status(SWARM_STATE)
+
+
+def _status_cli(*argv: str) -> int:
+    from p2pmodel.cli import main
+
+    return main(["status", *argv])
+
+
+async def test_status_swarm_json_prints_the_swarm_section(capsys):
+    server = await StatusServer.create(lambda: SWARM_STATE, port=0)
+    try:
+        assert await asyncio.to_thread(_status_cli, "--swarm", "--json", "--url", server.url) == 0
+    finally:
+        await server.close()
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(SWARM_STATE["swarm"]))
+
+
+@pytest.mark.parametrize("every", ["0", "-1", "nan", "inf"])
+def test_watch_needs_a_positive_interval(every, capsys):
+    assert _status_cli("--watch", every, "--url", "http://127.0.0.1:9/status") == 2
+    assert "--watch takes a positive number of seconds" in capsys.readouterr().err
+
+
+def test_watching_a_node_that_never_answered_fails_in_one_line(capsys):
+    assert _status_cli("--swarm", "--watch", "0.1", "--url", "http://127.0.0.1:9/status") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no node answers" in err
+
+
+async def test_watch_prints_each_refresh_and_keeps_going_when_the_node_goes_away(capsys, monkeypatch):
+    # three refreshes, the node leaves after the first; then Ctrl-C (raised by the third sleep)
+    from p2pmodel.cli import swarm as cli_swarm
+
+    sleeps = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 1:
+            asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        if len(sleeps) == 3:
+            raise KeyboardInterrupt
+
+    loop = asyncio.get_running_loop()
+    server = await StatusServer.create(lambda: SWARM_STATE, port=0)
+    monkeypatch.setattr(cli_swarm.time, "sleep", sleep)
+    try:
+        assert await asyncio.to_thread(_status_cli, "--swarm", "--watch", "0.5", "--url", server.url) == 0
+    finally:
+        await server.close()
+    out = capsys.readouterr().out
+    assert sleeps == [0.5, 0.5, 0.5] and out.count("--- ") == 3
+    assert out.count("3 peers known") == 1 and out.count("no node answers") == 2 and "retrying every 0.5 s" in out

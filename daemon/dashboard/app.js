@@ -45,6 +45,18 @@ function bytes(n) {
 }
 const when = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "-");
 
+// A peer as people read it: its short id, and the name it chose for itself when we know one
+// (from the node's swarm view, else the leaderboard). Names are not unique: the id always shows.
+function nameOf(peer) {
+  const seen = ((state.status && state.status.swarm && state.status.swarm.peers) || []).find((p) => p.peer_id === peer);
+  if (seen && seen.name) return seen.name;
+  const credit = ((state.credits && state.credits.peers) || []).find((c) => c.peer === peer);
+  return credit ? credit.name : null;
+}
+function who(peer, name = nameOf(peer)) {
+  return el("span", { class: "peer", title: String(peer || "") }, el("code", {}, short(peer)), name ? el("span", { class: "name" }, name) : null);
+}
+
 function table(node, headers, rows, empty = "nothing yet") {
   node.replaceChildren(
     el("thead", {}, el("tr", {}, headers.map((h) => el("th", { class: h.num ? "num" : "" }, h.label)))),
@@ -167,7 +179,7 @@ function renderVersion(v, diff) {
   parts.push(el("h3", {}, `Contributors (${v.contributors.length})`));
   const t1 = el("table");
   table(t1, [{ label: "peer" }, { label: "delta" }, { label: "weight", num: true }],
-    deltas.map((d) => [el("code", {}, short(d[0])), el("code", {}, short(d[1])), num(d[2], 6)]));
+    deltas.map((d) => [who(d[0]), el("code", {}, short(d[1])), num(d[2], 6)]));
   parts.push(t1);
 
   parts.push(el("h3", {}, "CI votes"));
@@ -249,18 +261,27 @@ function renderRounds() {
 
 // ---------------------------------------------------------------------------- tables
 
+// Every peer the node heard of (its status's `swarm` section): what each announced (name, device,
+// addresses) and what the node saw of it (rounds, delivery rate, whether it could dial it).
 function renderPeers() {
   const s = state.status || {};
   const offences = (s.exclusions && s.exclusions.offences) || {};
-  const credit = new Map(((state.credits && state.credits.peers) || []).map((c) => [c.peer, c]));
+  const offence = (p) => { const o = offences[p]; return o === undefined ? "0" : (typeof o === "object" ? JSON.stringify(o) : String(o)); };
+  const swarm = s.swarm && Array.isArray(s.swarm.peers) ? s.swarm : null;
+  document.getElementById("peers-note").textContent = swarm
+    ? `${swarm.known} known to this node${swarm.truncated ? " (not all shown)" : ""}` : "in the current round";
+  if (!swarm) { // a node without the swarm section: the current round's members
+    table(document.getElementById("peers"), [{ label: "peer" }, { label: "offences", num: true }],
+      (s.peers || []).map((p) => [who(p), offence(p)]));
+    return;
+  }
   table(document.getElementById("peers"),
-    [{ label: "peer" }, { label: "samples merged", num: true }, { label: "last merged", num: true }, { label: "offences", num: true }],
-    (s.peers || []).map((p) => {
-      const c = credit.get(p) || {};
-      const off = offences[p];
-      return [el("code", {}, short(p) + (p === s.peer_id ? " (this node)" : "")), num(c.samples_merged, 6), c.last_round ?? "-",
-        off === undefined ? "0" : (typeof off === "object" ? JSON.stringify(off) : String(off))];
-    }));
+    [{ label: "peer" }, { label: "device" }, { label: "samples/s", num: true }, { label: "round", num: true },
+     { label: "delta", num: true }, { label: "merged", num: true }, { label: "reach" }, { label: "dial" }, { label: "offences", num: true }],
+    swarm.peers.map((p) => [
+      el("span", { class: p.departed ? "muted" : "" }, who(p.peer_id, p.name), p.self ? " (this node)" : p.departed ? " (left)" : ""),
+      p.device || "?", num(p.samples_per_s, 4), p.round ?? "-", p.delta_round ?? "-", p.merged_round ?? "-",
+      el("span", { title: (p.addrs || []).join("\n") }, p.reachability), p.dial, offence(p.peer_id)]));
 }
 
 function renderCredits() {
@@ -268,9 +289,9 @@ function renderCredits() {
   if (!c) return;
   document.getElementById("credits-note").textContent = `over the newest ${c.versions} versions${c.truncated ? " (older ones not counted)" : ""}`;
   table(document.getElementById("credits"),
-    [{ label: "peer" }, { label: "samples merged", num: true }, { label: "accepted", num: true }, { label: "screened", num: true },
-     { label: "excluded", num: true }, { label: "proposed", num: true }],
-    c.peers.map((p) => [el("code", {}, short(p.peer)), num(p.samples_merged, 6), p.deltas_accepted,
+    [{ label: "peer" }, { label: "samples trained", num: true }, { label: "samples merged", num: true }, { label: "accepted", num: true },
+     { label: "screened", num: true }, { label: "excluded", num: true }, { label: "proposed", num: true }],
+    c.peers.map((p) => [who(p.peer, p.name), num(p.samples_trained, 6), num(p.samples_merged, 6), p.deltas_accepted,
       el("span", { class: p.deltas_screened ? "bad" : "" }, p.deltas_screened), p.deltas_excluded, p.versions_proposed]));
 }
 
