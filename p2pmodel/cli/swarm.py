@@ -87,10 +87,10 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     try:
         import uvloop
-
-        uvloop.run(main())
     except ImportError:  # uvloop is optional off Linux/macOS
-        asyncio.run(main())
+        uvloop = None
+    # outside the try: an ImportError inside the node is a bug to report, not a reason to run it twice
+    (uvloop.run if uvloop is not None else asyncio.run)(main())
     return 0
 
 
