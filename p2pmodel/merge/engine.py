@@ -50,6 +50,7 @@ from p2pmodel.merge.functional import (
 )
 from p2pmodel.merge.registry import MergeError, MergeMethod, get_method
 from p2pmodel.merge.sparsify import above_threshold
+from p2pmodel.merge.workspace import reuse_buffers
 
 __all__ = ["MergeReport", "TensorMissing", "InputError", "OutputExists", "merge_checkpoints", "PROVENANCE_FILE"]
 
@@ -359,8 +360,9 @@ def merge_checkpoints(
     }
     extra[PROVENANCE_FILE] = (json.dumps(provenance, indent=2, default=str) + "\n").encode()
     try:
-        write_hf_folder(out, tensors(), extra, max_shard_bytes=max_shard_bytes, layout=plan.layout,
-                        overwrite=force, on_tensor=on_tensor)
+        with reuse_buffers():
+            write_hf_folder(out, tensors(), extra, max_shard_bytes=max_shard_bytes, layout=plan.layout,
+                            overwrite=force, on_tensor=on_tensor)
     except _CheckpointOutputExists:
         raise OutputExists(str(out)) from None  # created by someone else meanwhile
     finally:

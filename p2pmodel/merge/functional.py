@@ -16,6 +16,7 @@ from torch import Tensor
 
 from p2pmodel.errors import UsageError
 from p2pmodel.merge.registry import MergeError, MergeMethod, get_method
+from p2pmodel.merge.workspace import buffer
 
 __all__ = [
     "BaseRequired",
@@ -172,14 +173,23 @@ def merge_one(
     """
     out_dtype = tensors[0].dtype
     wd = work_dtype(out_dtype)
+    if base is not None and transform is None:
+        from p2pmodel.merge.gta import fused_merge
+
+        generator = tensor_generator(seed, name) if m.random else None
+        fused = fused_merge(m.name, kwargs, tensors, base, generator)
+        if fused is not None:
+            return fused.to(out_dtype)
     if base is None:
         stacked = torch.stack([t.detach().to("cpu", wd) for t in tensors])  # (n, *shape)
         if transform is not None:
             stacked = transform(stacked)
         return apply(m, kwargs, stacked, seed=seed, name=name).to(out_dtype)
     b = base.detach().to("cpu", wd)
-    deltas = torch.stack([t.detach().to("cpu", wd) for t in tensors])  # (n, *shape)
-    deltas -= b  # task vectors, in place: one stack in memory, not two
+    deltas = buffer("deltas", (len(tensors), *b.shape), wd)  # (n, *shape): the task vectors
+    for i, t in enumerate(tensors):
+        # one pass per model, the same float op as stacking and then subtracting
+        torch.sub(t.detach().to("cpu", wd), b, out=deltas[i])
     if transform is not None:
         deltas = transform(deltas)
     return (b + apply(m, kwargs, deltas, seed=seed, name=name)).to(out_dtype)

@@ -26,13 +26,16 @@ instead of matching the L1 norm.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+from typing import Annotated, Literal, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from p2pmodel.merge.registry import Check, merge_method
-from p2pmodel.merge.sparsify import Rescale, bernoulli, magnitude
+from p2pmodel.merge.sparsify import _RESCALE_EPS, Rescale, bernoulli, magnitude
+from p2pmodel.merge.workspace import buffer
 
 __all__ = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "sign_consensus_mask"]
 
@@ -61,13 +64,116 @@ def _mix(
         divisor[divisor == 0] = 1
     else:
         mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)  # (1, ...)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor = _divisor(w)  # (1, ...)
     if normalize:
         mixed = mixed / divisor
     if lambda_ != 1:
         mixed = mixed * lambda_
     return mixed
+
+
+FUSED = True  # use the fused kernels where they apply; tests turn it off to compare with torch
+
+
+def _divisor(w: Tensor) -> Tensor:
+    """The no-consensus divisor: the weights' sum, 1 where it is (nearly) zero (mergekit's)."""
+    divisor = w.sum(dim=0)
+    divisor[divisor.abs() < 1e-8] = 1
+    return divisor
+
+
+def _fused(
+    deltas: Tensor | None,
+    weights: list[float],
+    consensus: Consensus | None,
+    normalize: bool,
+    lambda_: float,
+    *,
+    trim: list[float] | None = None,
+    drop: list[float] | None = None,
+    rescale: Rescale = "none",
+    generator: torch.Generator | None = None,
+    models: Sequence[Tensor] | None = None,
+    base: Tensor | None = None,
+) -> Tensor | None:
+    """`_mix` after TIES' trim (`trim`: densities) or DARE's drop (`drop`), by the fused float32
+    kernels (`kernels.py`); None where they do not apply (the torch path then runs).
+
+    Takes the task vectors as `deltas` (and may overwrite them: callers pass a stack they own),
+    or `models` and `base`, and then returns the merged model: the subtraction and the final
+    `base +` happen inside the kernels' passes. DARE advances `generator` by one draw per entry
+    of every model with density < 1, as `torch.bernoulli` does.
+    """
+    if not FUSED or (trim is not None and rescale != "none") or (drop is not None and rescale == "density"):
+        return None  # the rare rescales keep the torch path (its division rounding is torch's)
+    inputs = [deltas] if models is None else [*models, base]
+    if any(t is None or t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() == 0 for t in inputs):
+        return None
+    # Imported here: loading the compiled kernels costs ~0.5 s, which only these merges need.
+    from p2pmodel.merge import kernels
+    from p2pmodel.merge.mt19937 import Mt19937, keep_threshold
+
+    shape = inputs[0].shape[1:] if models is None else base.shape
+    size = math.prod(shape)
+    n = len(weights)
+    kept_abs = buffer("kept_abs", (size,), torch.float32) if drop is not None else None
+    need_abs = drop is not None and rescale == "l1"
+    before: list[Tensor | None] = [None] * n
+    if models is None:
+        flat = deltas.reshape(n, size).contiguous()
+    else:
+        flat = buffer("deltas", (n, size), torch.float32)
+        b = base.contiguous().numpy()
+        for i, x in enumerate(models):
+            want = need_abs and drop[i] < 1
+            kernels.task_vector(x.contiguous().numpy(), b, flat[i].numpy(), kept_abs.numpy() if want else None)
+            if want:
+                before[i] = kept_abs.sum()  # torch's own reduction, as `d.abs().sum()`
+    d = flat.numpy()  # (n, size), shares memory with `flat`
+    w = torch.tensor(weights, dtype=torch.float32)  # (n,)
+    trims, scale = None, None
+    if trim is not None:
+        flags = buffer("flags", (size,), torch.uint8).numpy()
+        trims = [kernels.trim_threshold(d[i], max(1, int(p * size)), flags) if p < 1 else None
+                 for i, p in enumerate(trim)]
+    if drop is not None:
+        assert generator is not None and kept_abs is not None
+        stream = Mt19937.from_torch(generator)
+        scale = np.ones(n, dtype=np.float32)
+        for i, p in enumerate(drop):
+            if p >= 1:
+                continue
+            if need_abs and before[i] is None:
+                before[i] = torch.abs(flat[i], out=kept_abs).sum()
+            kernels.dare_drop(d[i], stream, keep_threshold(p), kept_abs.numpy())
+            if need_abs:
+                after = kept_abs.sum()
+                if not (before[i] < _RESCALE_EPS or after < _RESCALE_EPS):
+                    scale[i] = (before[i] / after).item()  # float32, as torch's `masked * (before / after)`
+        stream.store(generator)
+    mode = {None: kernels.MIX_NONE, "sum": kernels.MIX_SUM, "count": kernels.MIX_COUNT}[consensus]
+    divisor = _divisor(w.view(-1, 1)).item() if consensus is None else 1.0
+    out = np.empty(size, dtype=np.float32)
+    kernels.mix(d, w.numpy(), mode=mode, normalize=normalize, divisor=divisor, lam=lambda_, scale=scale,
+                trims=trims, base=None if models is None else b, out=out)
+    return torch.from_numpy(out).view(shape)
+
+
+def fused_merge(method: str, kwargs: dict, models: Sequence[Tensor], base: Tensor,
+                generator: torch.Generator | None) -> Tensor | None:
+    """The merged model `base + method(models - base)` in the kernels' passes, for the streaming
+    engine; None where the fused path does not apply (the caller then stacks task vectors)."""
+    k = kwargs
+    if method == "task_arithmetic":
+        return _fused(None, k["weights"], None, k["normalize"], k["lambda_"], models=models, base=base)
+    if method == "ties" and k["scope"] == "tensor":
+        return _fused(None, k["weights"], k["consensus"], k["normalize"], k["lambda_"], trim=k["density"],
+                      rescale=k["rescale"], models=models, base=base)
+    if method in ("dare_linear", "dare_ties"):
+        consensus = k["consensus"] if method == "dare_ties" else None
+        return _fused(None, k["weights"], consensus, k["normalize"], k["lambda_"], drop=k["density"],
+                      rescale=k["rescale"], generator=generator, models=models, base=base)
+    return None
 
 
 # A scalar default for a per-model (list[float]) parameter is broadcast to every model.
@@ -87,7 +193,8 @@ def task_arithmetic(
     lambda_: float = 1.0,
 ) -> Tensor:
     """`sum_i w_i d_i` (divided by `sum_i w_i` if `normalize`), times `lambda`."""
-    return _mix(deltas, weights, None, normalize, lambda_)
+    fused = _fused(deltas, weights, None, normalize, lambda_)
+    return fused if fused is not None else _mix(deltas, weights, None, normalize, lambda_)
 
 
 @merge_method(
@@ -113,6 +220,9 @@ def ties(
     whole model, which the checkpoint engine does before calling this (for one tensor on
     its own the two are the same).
     """
+    fused = _fused(deltas, weights, consensus, normalize, lambda_, trim=density, rescale=rescale)
+    if fused is not None:
+        return fused
     trimmed = torch.empty_like(deltas)  # (n, *shape); filled one model at a time
     for i, (d, p) in enumerate(zip(deltas, density)):
         trimmed[i] = magnitude(d, p, rescale)
@@ -136,6 +246,9 @@ def dare_linear(
     generator: torch.Generator,
 ) -> Tensor:
     """Drop each entry of each task vector with probability `1 - density`, rescale, add up."""
+    fused = _fused(deltas, weights, None, normalize, lambda_, drop=density, rescale=rescale, generator=generator)
+    if fused is not None:
+        return fused
     dropped = torch.empty_like(deltas)  # (n, *shape); filled one model at a time
     for i, (d, p) in enumerate(zip(deltas, density)):
         dropped[i] = bernoulli(d, p, generator, rescale)
@@ -160,6 +273,9 @@ def dare_ties(
     generator: torch.Generator,
 ) -> Tensor:
     """DARE's random drop, then TIES' sign election and disjoint merge."""
+    fused = _fused(deltas, weights, consensus, normalize, lambda_, drop=density, rescale=rescale, generator=generator)
+    if fused is not None:
+        return fused
     dropped = torch.empty_like(deltas)  # (n, *shape); filled one model at a time
     for i, (d, p) in enumerate(zip(deltas, density)):
         dropped[i] = bernoulli(d, p, generator, rescale)
