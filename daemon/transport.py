@@ -18,13 +18,12 @@ torch and a training thread; forking it is fragile, and the pipe protocol adds a
 loop and a pickle channel for no gain at our record rates. The `P2P` handle is the DHT node's own
 (`node.p2p`), so streams and DHT share one go-libp2p daemon (`p2pd`), as `replicate_p2p` would.
 
-Stream wire format (all integers big-endian), one request per stream:
-
-    request:  MAGIC (8 bytes "P2PMOBJ1") | oid (32 bytes, raw sha256) | offset (u64)
-    response: status (u8, `ObjectStatus`) | total size (u64) | bytes [offset, total) of the blob
-
-The blob bytes are written in `chunk_size` pieces; the stream closes after the last one. A reader
-that sees EOF early knows exactly where to resume.
+The object stream's wire format is `protocols/stream.py` (pure framing); this module only moves
+its bytes. The blob bytes are written in `chunk_size` pieces. A stream serves requests one after
+another: a fetcher keeps up to `max_idle_streams_per_peer` open streams per peer for its next
+fetch (a new libp2p stream costs about 1 kB on the wire), and a server closes a stream idle for
+`stream_keepalive` seconds or past `max_open_streams`. A pooled stream the server already closed
+is replaced by a new one for the same request.
 
 Why one long file: the DHT records, the object stream and its resumable client share one p2pd and one
 set of limits and counters; the object stream (server + client) is the seam to split next.
@@ -33,9 +32,7 @@ set of limits and counters; the object stream (server + client) is the seam to s
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
-import struct
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -49,6 +46,18 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from p2pmodel.daemon.logs import get_logger
 from p2pmodel.errors import P2PModelError
+from p2pmodel.protocols.stream import (
+    OBJECT_PROTOCOL,
+    REQUEST_SIZE,
+    RESPONSE_SIZE,
+    ObjectStatus,
+    StreamFormatError,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+    keeps_stream_open,
+)
 
 __all__ = [
     "Transport",
@@ -63,7 +72,7 @@ __all__ = [
     "ObjectNotFound",
     "ObjectTooLarge",
     "HashMismatch",
-    "RemoteProtocolError",
+    "BadResponse",
     "FetchTimeout",
     "PeerUnreachable",
     "StreamOpenError",
@@ -77,10 +86,6 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-OBJECT_PROTOCOL = "/p2pmodel/object/1"
-_MAGIC = b"P2PMOBJ1"
-_REQUEST = struct.Struct(">8s32sQ")  # magic, oid, offset
-_RESPONSE = struct.Struct(">BQ")  # status, total size
 
 
 # ----------------------------------------------------------------------------------------- errors
@@ -141,7 +146,7 @@ class HashMismatch(FetchError):
         super().__init__(peer, oid, f"data hashes to {got[:12]}, not to the requested id")
 
 
-class RemoteProtocolError(FetchError):
+class BadResponse(FetchError):
     """The peer broke the stream protocol (bad status byte, size changing between attempts)."""
 
 
@@ -174,16 +179,6 @@ class StreamOpenError(TransportError):
 # ------------------------------------------------------------------------------------ pieces
 
 
-class ObjectStatus(enum.IntEnum):
-    """First byte of a stream response, in the server's voice."""
-
-    OK = 0  # "Here are the bytes from your offset to the end."
-    NOT_FOUND = 1  # "I don't have that object (any more)."
-    BAD_OFFSET = 2  # "Your offset is past the end of the object."
-    BAD_REQUEST = 3  # "I could not parse your request."
-    BUSY = 4  # "I'm serving too many streams; try again shortly."
-
-
 @dataclass(frozen=True)
 class TransportLimits:
     """Bounds on what the transport accepts and how long it waits."""
@@ -193,8 +188,11 @@ class TransportLimits:
     dht_wait_timeout: float = 3.0  # seconds hivemind waits for one Kademlia RPC reply
     store_linger: float = 0.02  # seconds a store waits for others to share its request (small swarms)
     chunk_size: int = 256 * 1024  # bytes per write on an object stream
-    max_concurrent_serves: int = 16  # object streams served at once; more get BUSY
-    request_timeout: float = 10.0  # seconds a server waits for a request frame
+    max_concurrent_serves: int = 16  # object requests served at once; more get BUSY
+    request_timeout: float = 10.0  # seconds a server waits for the first request on a new stream
+    stream_keepalive: float = 30.0  # seconds a server keeps an idle stream open for the next request
+    max_open_streams: int = 256  # object streams a server keeps open; past it, each closes after its request
+    max_idle_streams_per_peer: int = 2  # open streams a fetcher keeps per peer for its next fetches
     stream_idle_timeout: float = 20.0  # seconds without a byte before a fetch attempt is abandoned
     fetch_timeout: float = 120.0  # default overall deadline of one call_fetch (seconds)
     retry_backoff: float = 0.2  # first pause between fetch attempts (seconds), doubled each time
@@ -315,6 +313,9 @@ class Transport:
         self._blobs: dict[str, tuple[bytes, str]] = {}  # oid -> (data, kind), served from memory
         self._sources: list[tuple[BlobSource, str]] = []  # fallbacks, e.g. the lineage store
         self._serving = 0
+        self._open_streams = 0  # object streams we serve, idle or not
+        self.object_streams_opened = 0  # object streams we opened as a fetcher
+        self._idle_streams: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]]] = {}
         self._handlers: set[str] = {OBJECT_PROTOCOL}  # stream protocols we registered with p2pd
         # Private events: serve objects only to libp2p peers this says yes to (None: anyone).
         self.serve_only: Callable[[str], bool] | None = None
@@ -604,43 +605,61 @@ class Transport:
         return None
 
     async def rpc_get_object(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one object request: bytes [offset, end) of the blob named in the request frame."""
+        """Serve object requests on one stream, one at a time, until the fetcher closes it, it idles
+        past `stream_keepalive`, or a response closes it (see `protocols.stream`)."""
+        self._open_streams += 1
         try:
-            try:
-                frame = await asyncio.wait_for(reader.readexactly(_REQUEST.size), self.limits.request_timeout)
-            except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
-                return
-            magic, raw_oid, offset = _REQUEST.unpack(frame)
-            if self.serve_only is not None and not self.serve_only(str(getattr(info, "peer_id", ""))):
-                self.refused_streams += 1
-                writer.write(_RESPONSE.pack(ObjectStatus.NOT_FOUND, 0))  # say nothing of what we hold
-                return
-            if magic != _MAGIC:
-                writer.write(_RESPONSE.pack(ObjectStatus.BAD_REQUEST, 0))
-                return
-            if self._serving >= self.limits.max_concurrent_serves:
-                writer.write(_RESPONSE.pack(ObjectStatus.BUSY, 0))
-                return
-            self._serving += 1
-            try:
-                found = await self._lookup(raw_oid.hex())
-                if found is None:
-                    writer.write(_RESPONSE.pack(ObjectStatus.NOT_FOUND, 0))
+            wait = self.limits.request_timeout
+            while not self._closed:
+                try:
+                    frame = await asyncio.wait_for(reader.readexactly(REQUEST_SIZE), wait)
+                except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
                     return
-                data, kind = found
-                if offset > len(data):
-                    writer.write(_RESPONSE.pack(ObjectStatus.BAD_OFFSET, len(data)))
+                if not await self._serve_request(info, frame, writer) or writer.is_closing():
                     return
-                writer.write(_RESPONSE.pack(ObjectStatus.OK, len(data)))
-                sent = await self._send_range(writer, data, offset, kind)
-                self.counters.sent(kind, sent)
-            finally:
-                self._serving -= 1
-            await writer.drain()
+                if self._open_streams > self.limits.max_open_streams:
+                    return
+                wait = self.limits.stream_keepalive
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the reader went away; it will resume from what it got
         finally:
+            self._open_streams -= 1
             writer.close()
+
+    async def _serve_request(self, info, frame: bytes, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request: bytes [offset, end) of the blob it names. True: the stream stays open."""
+        if self.serve_only is not None and not self.serve_only(str(getattr(info, "peer_id", ""))):
+            self.refused_streams += 1
+            writer.write(encode_response(ObjectStatus.NOT_FOUND))  # say nothing of what we hold
+            return False
+        try:
+            raw_oid, offset = decode_request(frame)
+        except StreamFormatError:
+            writer.write(encode_response(ObjectStatus.BAD_REQUEST))
+            return False
+        if self._serving >= self.limits.max_concurrent_serves:
+            writer.write(encode_response(ObjectStatus.BUSY))
+            return False
+        self._serving += 1
+        try:
+            found = await self._lookup(raw_oid.hex())
+            if found is None:
+                status, total = ObjectStatus.NOT_FOUND, 0
+                writer.write(encode_response(status))
+            else:
+                data, kind = found
+                if offset > len(data):
+                    writer.write(encode_response(ObjectStatus.BAD_OFFSET, len(data)))
+                    return False
+                status, total = ObjectStatus.OK, len(data)
+                writer.write(encode_response(status, total))
+                sent = await self._send_range(writer, data, offset, kind)
+                self.counters.sent(kind, sent)
+        finally:
+            self._serving -= 1
+        if not writer.is_closing():
+            await writer.drain()
+        return keeps_stream_open(status)
 
     async def _send_range(self, writer: asyncio.StreamWriter, data: bytes, offset: int, kind: str) -> int:
         """Write data[offset:] in chunks; returns the bytes written. Fault-injection tests override it."""
@@ -675,7 +694,7 @@ class Transport:
             The object's bytes, whose sha256 is `oid`.
 
         Raises:
-            ObjectNotFound, ObjectTooLarge, HashMismatch, RemoteProtocolError: not retried.
+            ObjectNotFound, ObjectTooLarge, HashMismatch, BadResponse: not retried.
             PeerUnreachable: `max_stalled_attempts` attempts in a row brought no byte.
             FetchTimeout: the deadline passed (after retries with backoff).
         """
@@ -731,41 +750,75 @@ class Transport:
         expected_size: int | None,
         kind: str,
     ) -> bool:
-        """One stream: request from the current offset, append what arrives. True when complete."""
-        _, reader, writer = await self._p2p.call_binary_stream_handler(peer_id, OBJECT_PROTOCOL)
-        try:
-            writer.write(_REQUEST.pack(_MAGIC, raw_oid, len(state.buf)))
-            await writer.drain()
-            status_byte, total = _RESPONSE.unpack(
-                await asyncio.wait_for(reader.readexactly(_RESPONSE.size), self.limits.stream_idle_timeout)
-            )
+        """One request from the current offset, on a pooled stream or a new one. True when complete."""
+        while True:
+            pooled = self._pooled_stream(peer_name)
+            if pooled is None:
+                _, reader, writer = await self._p2p.call_binary_stream_handler(peer_id, OBJECT_PROTOCOL)
+                self.object_streams_opened += 1
+            else:
+                reader, writer = pooled
+            keep = False
             try:
-                status = ObjectStatus(status_byte)
-            except ValueError:
-                raise RemoteProtocolError(peer_name, oid, f"unknown status byte {status_byte}") from None
-            if status is ObjectStatus.NOT_FOUND:
-                raise ObjectNotFound(peer_name, oid)
-            if status is ObjectStatus.BUSY:
-                raise _Busy()
-            if status is not ObjectStatus.OK:
-                raise RemoteProtocolError(peer_name, oid, f"peer answered {status.name} at offset {len(state.buf)}")
-            if total > max_size or (expected_size is not None and total != expected_size):
-                raise ObjectTooLarge(peer_name, oid, total, max_size, expected_size)
-            if state.total is not None and total != state.total:
-                raise RemoteProtocolError(peer_name, oid, f"size changed from {state.total} to {total} between attempts")
-            state.total = total
-            while len(state.buf) < total:
-                chunk = await asyncio.wait_for(
-                    reader.read(min(self.limits.chunk_size, total - len(state.buf))), self.limits.stream_idle_timeout
-                )
-                if not chunk:
-                    raise ConnectionError(f"stream cut at byte {len(state.buf)} of {total}")
-                state.buf += chunk
-                state.hasher.update(chunk)
-                self.counters.received(kind, len(chunk))
-            return True
-        finally:
+                writer.write(encode_request(raw_oid, len(state.buf)))
+                await writer.drain()
+                try:
+                    header = await asyncio.wait_for(reader.readexactly(RESPONSE_SIZE), self.limits.stream_idle_timeout)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    if pooled is not None:
+                        continue  # the server closed that stream while it idled: ask on a new one
+                    raise
+                try:
+                    status, total = decode_response(header)
+                except StreamFormatError as e:
+                    raise BadResponse(peer_name, oid, str(e)) from None
+                if status is ObjectStatus.NOT_FOUND:
+                    keep = True
+                    raise ObjectNotFound(peer_name, oid)
+                if status is ObjectStatus.BUSY:
+                    raise _Busy()
+                if status is not ObjectStatus.OK:
+                    raise BadResponse(peer_name, oid, f"peer answered {status.name} at offset {len(state.buf)}")
+                if total > max_size or (expected_size is not None and total != expected_size):
+                    raise ObjectTooLarge(peer_name, oid, total, max_size, expected_size)
+                if state.total is not None and total != state.total:
+                    raise BadResponse(peer_name, oid, f"size changed from {state.total} to {total} between attempts")
+                state.total = total
+                while len(state.buf) < total:
+                    chunk = await asyncio.wait_for(
+                        reader.read(min(self.limits.chunk_size, total - len(state.buf))), self.limits.stream_idle_timeout
+                    )
+                    if not chunk:
+                        raise ConnectionError(f"stream cut at byte {len(state.buf)} of {total}")
+                    state.buf += chunk
+                    state.hasher.update(chunk)
+                    self.counters.received(kind, len(chunk))
+                keep = True
+                return True
+            finally:
+                if keep:
+                    self._pool_stream(peer_name, reader, writer)
+                else:
+                    writer.close()
+
+    def _pooled_stream(self, peer: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """An idle object stream to `peer` the server should still hold open, or None."""
+        idle = self._idle_streams.get(peer)
+        fresh_after = time.monotonic() - self.limits.stream_keepalive / 2
+        while idle:
+            reader, writer, since = idle.pop()
+            if since >= fresh_after and not writer.is_closing() and not reader.at_eof():
+                return reader, writer
             writer.close()
+        self._idle_streams.pop(peer, None)
+        return None
+
+    def _pool_stream(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        idle = self._idle_streams.setdefault(peer, [])
+        if self._closed or writer.is_closing() or len(idle) >= self.limits.max_idle_streams_per_peer:
+            writer.close()
+            return
+        idle.append((reader, writer, time.monotonic()))
 
     async def fetch_from_any(
         self,
@@ -814,6 +867,10 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        for idle in self._idle_streams.values():
+            for _, writer, _ in idle:
+                writer.close()
+        self._idle_streams.clear()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._node.is_alive = False  # ends hivemind's routing-table refresh loop

@@ -6,7 +6,8 @@ Guarantees checked here, each against real p2pd daemons on 127.0.0.1:
   they leave; records the validator rejects never come out of `fetch`;
 - a multi-megabyte object arrives intact; a stream cut in the middle is resumed from the byte
   where it broke (not restarted) and the result is verified; corrupt bytes raise HashMismatch;
-  missing and oversized objects raise their typed errors;
+  missing and oversized objects raise their typed errors; fetches from one peer reuse one open
+  stream, and a pooled stream the server closed meanwhile is replaced, not failed;
 - a node whose only bootstrap peer is a stock `hivemind-dht` process can publish, and another
   node bootstrapped the same way sees the record;
 - `connect` takes the announced addresses (ending in `/p2p/<id>`, which p2pd refuses as is);
@@ -18,6 +19,7 @@ Guarantees checked here, each against real p2pd daemons on 127.0.0.1:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import os
 import re
@@ -184,6 +186,43 @@ async def test_object_bytes_are_counted_per_kind_on_both_sides(server, client, f
     await client.call_fetch(server.peer_id, oid, max_size=len(data), kind="counted")
     assert server.counters.snapshot()["counted"]["sent"] == len(data)
     assert client.counters.snapshot()["counted"]["received"] == len(data)
+
+
+async def test_fetches_from_one_peer_reuse_an_open_stream(server, client, fault):
+    blobs = [os.urandom(10_000 + i) for i in range(4)]
+    oids = [server.put_blob(b) for b in blobs]
+    await client.call_fetch(server.peer_id, oids[0], max_size=1 << 20)  # opens one, or reuses one
+    opened = client.object_streams_opened
+    for oid, data in zip(oids[1:], blobs[1:]):
+        assert await client.call_fetch(server.peer_id, oid, max_size=1 << 20) == data
+    with pytest.raises(ObjectNotFound):  # a miss keeps the stream open too
+        await client.call_fetch(server.peer_id, object_id(b"not here"), max_size=1 << 20)
+    assert await client.call_fetch(server.peer_id, oids[0], max_size=1 << 20) == blobs[0]
+    assert client.object_streams_opened == opened
+
+
+async def test_a_pooled_stream_the_server_closed_is_replaced_without_a_failed_fetch(server, client, fault):
+    data = os.urandom(20_000)
+    oid = server.put_blob(data)
+    await client.call_fetch(server.peer_id, oid, max_size=1 << 20)
+    limits = server.limits
+    server.limits = dataclasses.replace(limits, stream_keepalive=0.2)
+    try:
+        again = os.urandom(100)  # one more request, so the server's wait for the next uses 0.2 s
+        await client.call_fetch(server.peer_id, server.put_blob(again), max_size=1 << 20)
+        await _until(lambda: server._open_streams == 0, "the server closing the idle stream")
+    finally:
+        server.limits = limits
+    opened = client.object_streams_opened
+    assert await client.call_fetch(server.peer_id, oid, max_size=1 << 20, timeout=30) == data
+    assert client.object_streams_opened == opened + 1  # the pooled one was dead: one new stream
+
+
+async def _until(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
 
 
 async def test_fetch_from_a_departed_peer_fails_fast_as_unreachable(server, client):
