@@ -9,13 +9,16 @@ Map:
 - `rounds.py`    — `RoundRunner`: drives `protocols.round.RoundMachine` with real I/O (records,
   training, delta fetches, deterministic merge + outer step, votes, commits).
 - `sync.py`      — commit certificate checks and copying versions from peers into the lineage.
+- `joining.py`   — before a node starts: the event by its id (the manifest from peers, checked by
+  hash), its seed version by id, and the task's options local to this machine (`--data`).
 - `faults.py`    — fault-injecting transport for multi-process tests (`join --fault`).
 - `trainer.py`   — runs the task's inner loop in a worker thread.
 - `status.py`    — the local HTTP status API on 127.0.0.1, its client, and the loop-lag monitor.
 - `metrics.py`   — Prometheus `/metrics` for the status API: a collector over the status snapshot.
 - `config.py`    — `NodeConfig` (CLI flags are generated from it) and `EventConfig`, with
   `load_event` (TOML or JSON) and the event's full validation.
-- `manifest.py`  — `event.toml` as `p2pmodel seed` writes it, and `--set key=value` overrides.
+- `manifest.py`  — `event.toml` as `p2pmodel seed` writes it, `--set key=value` overrides, and
+  the rules a manifest fetched by its id must pass (`event_from_manifest_bytes`).
 - `identity.py`  — the peer identity's key file (`identity.pem`): `load_identity`, `save_identity`.
 - `logs.py`      — structured one-line logs and the terminal status line (`StatusLine`).
 
