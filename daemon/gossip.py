@@ -132,7 +132,7 @@ class GossipLimits:
     linger: float = 0.05  # a queued record waits this long for others to share its frame
     max_concurrent_pushes: int = 8  # frames in flight as a sender, in all
     max_links: int = 256  # streams a sender keeps open for reuse (one per peer; least recently used closed)
-    stream_idle_timeout: float = 120.0  # a receiver closes a stream that brought no frame for this long
+    stream_idle_timeout: float = 300.0  # a receiver closes a stream that brought no frame for this long (> a round)
     max_concurrent_serves: int = 1024  # streams we hold open as a receiver, in all (one per pushing peer)
     max_streams_per_sender: int = 2  # streams we hold open for one sender
     sender_bytes_per_s: float = 64 * 1024  # each sender's byte budget refills at this rate ...

@@ -190,7 +190,7 @@ class TransportLimits:
     chunk_size: int = 256 * 1024  # bytes per write on an object stream
     max_concurrent_serves: int = 16  # object requests served at once; more get BUSY
     request_timeout: float = 10.0  # seconds a server waits for the first request on a new stream
-    stream_keepalive: float = 30.0  # seconds a server keeps an idle stream open for the next request
+    stream_keepalive: float = 300.0  # seconds a server keeps an idle stream open (longer than a round: reused next round)
     max_open_streams: int = 256  # object streams a server keeps open; past it, each closes after its request
     max_idle_streams_per_peer: int = 2  # open streams a fetcher keeps per peer for its next fetches
     stream_idle_timeout: float = 20.0  # seconds without a byte before a fetch attempt is abandoned
@@ -804,7 +804,7 @@ class Transport:
     def _pooled_stream(self, peer: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """An idle object stream to `peer` the server should still hold open, or None."""
         idle = self._idle_streams.get(peer)
-        fresh_after = time.monotonic() - self.limits.stream_keepalive / 2
+        fresh_after = time.monotonic() - 0.9 * self.limits.stream_keepalive  # else the server may be closing it
         while idle:
             reader, writer, since = idle.pop()
             if since >= fresh_after and not writer.is_closing() and not reader.at_eof():
