@@ -91,3 +91,90 @@ def test_robust_flags_reach_the_method(zoo, monkeypatch):
                  "--iterations", "2", "--init", "zero", "-o", "out"]) == 0
     want = merge_tensor("centered_clip", [m["w"] for m in models], base["w"], tau=0.05, iterations=2, init="zero")
     torch.testing.assert_close(load_file("out/model.safetensors")["w"], want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- lineage refs and --commit
+
+
+@pytest.fixture
+def repo(zoo, monkeypatch):
+    """A repository: base on main, then `a` on main and `b` on branch feat (both from base)."""
+    root, tensors = zoo
+    monkeypatch.chdir(root)
+    assert main(["init"]) == 0
+    assert main(["commit", "base", "-m", "base"]) == 0
+    assert main(["branch", "feat"]) == 0
+    assert main(["commit", "a", "-m", "main work"]) == 0
+    assert main(["commit", "b", "-m", "feature work", "--branch", "feat"]) == 0
+    return root, tensors
+
+
+def test_revisions_are_inputs_as_paths_are(repo):
+    root, (base, a, b, _) = repo
+    assert main(["merge", "--method", "ties", "--base", "main~1", "main", "feat", "--density", "0.5", "-o", "out"]) == 0
+    want = merge_tensor("ties", [a["w"], b["w"]], base["w"], density=0.5)
+    assert torch.equal(load_file("out/model.safetensors")["w"], want)
+
+
+def test_commit_records_a_version_with_both_parents_and_its_merge_spec(repo):
+    from p2pmodel.lineage import LineageStore
+
+    root, (base, a, b, _) = repo
+    store = LineageStore.open(".p2pmodel")
+    main_tip, feat_tip, base_id = store.resolve("main"), store.resolve("feat"), store.resolve("main~1")
+    store.close()
+    assert main(["merge", "--method", "dare_ties", "--base", "main~1", "main", "feat", "--density", "0.5",
+                 "--seed", "3", "--commit"]) == 0
+    store = LineageStore.open(".p2pmodel")
+    v = store.get_version("main")
+    assert v.parents == (main_tip, feat_tip)  # the branch's own tip first, as git merge
+    assert v.merge["method"] == "dare_ties" and list(v.merge["inputs"]) == [main_tip, feat_tip]
+    assert v.merge["base"] == base_id and v.merge["seed"] == 3 and list(v.merge["params"]["density"]) == [0.5, 0.5]
+    assert set(store.state_dict("main")) == {"w", "b"}
+    assert not (root / "out").exists()  # without -o nothing is left outside the repository
+
+
+def test_log_graph_draws_the_committed_merge_as_git_does(repo, capsys):
+    assert main(["merge", "--method", "ties", "--base", "main~1", "main", "feat", "--commit"]) == 0
+    capsys.readouterr()
+    assert main(["log", "--graph"]) == 0
+    shape = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert shape == ["*", "|\\", "| *", "* |", "|/", "*"]
+
+
+def test_commit_refuses_a_branch_whose_tip_is_not_merged(repo, capsys):
+    assert main(["merge", "--method", "ties", "--base", "main~1", "main~1", "feat", "--commit", "--branch", "main"]) == 2
+    assert "not among the merged versions" in capsys.readouterr().err
+
+
+def test_an_input_that_is_neither_path_nor_revision_is_one_line(repo, capsys):
+    assert main(["merge", "--method", "linear", "main", "nosuch", "-o", "out"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'nosuch' is neither a file or folder nor a version" in err[0]
+
+
+# ----------------------------------------------------------------------------- mergekit recipes
+
+
+def test_a_mergekit_recipe_runs_unchanged(zoo, monkeypatch):
+    root, (base, *models) = zoo
+    monkeypatch.chdir(root)
+    (root / "r.yml").write_text(
+        "merge_method: ties\nbase_model: base\nmodels:\n  - model: base\n"
+        "  - model: a\n    parameters: {weight: 0.7, density: 0.5}\n"
+        "  - model: b\n    parameters: {weight: 0.3}\n"
+        "parameters: {density: 0.8, normalize: true, int8_mask: true}\ndtype: float32\n")
+    assert main(["merge", "--config", "r.yml", "-o", "out"]) == 0
+    want = merge_tensor("ties", [m["w"] for m in models[:2]], base["w"], weights=[0.7, 0.3], density=[0.5, 0.8], normalize=True)
+    assert torch.equal(load_file("out/model.safetensors")["w"], want)
+
+
+def test_a_recipe_key_we_cannot_honour_is_one_line_naming_it(zoo, monkeypatch, capsys):
+    root, _ = zoo
+    monkeypatch.chdir(root)
+    (root / "r.yml").write_text("merge_method: ties\nbase_model: base\nmodels:\n"
+                                "  - model: a\n    parameters: {weight: 1, densty: 0.5}\n")
+    assert main(["merge", "--config", "r.yml", "-o", "out"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["p2pmodel: error: r.yml: models[0].parameters.densty: not a per-model parameter of ties here "
+                   "(it takes: density, weight)"]

@@ -33,11 +33,18 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 
-from p2pmodel.checkpoint import CheckpointError, CheckpointReader, open_checkpoint, torch_dtype, write_hf_folder
+from p2pmodel.checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    dtype_name,
+    open_checkpoint,
+    torch_dtype,
+    write_hf_folder,
+)
 from p2pmodel.checkpoint import OutputExists as _CheckpointOutputExists
 from p2pmodel.errors import UsageError
 from p2pmodel.merge.functional import (
@@ -101,11 +108,17 @@ class MergeReport:
     partial: dict[str, list[str]] = field(default_factory=dict)  # tensor -> models lacking it
 
 
-def _open(path: str) -> CheckpointReader:
+def _label(source: Any) -> str:
+    return source.label if hasattr(source, "names") else str(source)
+
+
+def _open(source: Any) -> CheckpointReader:
+    if hasattr(source, "names"):  # already a reader (a lineage version)
+        return source
     try:
-        return open_checkpoint(path)
+        return open_checkpoint(source)
     except CheckpointError as e:
-        raise InputError(path, e) from None
+        raise InputError(str(source), e) from None
 
 
 def _get(reader: CheckpointReader, name: str) -> torch.Tensor:
@@ -216,14 +229,16 @@ def _model_thresholds(plan: _Plan, base: CheckpointReader, readers: list[Checkpo
 
 def merge_checkpoints(
     method: str,
-    models: Sequence[str | Path],
+    models: Sequence[Any],
     *,
-    base: str | Path | None = None,
+    base: Any = None,
     weights: Sequence[float] | float | None = None,
     output: str | Path,
     force: bool = False,
     seed: int = 0,
     allow_missing: bool = False,
+    rng: Literal["tensor", "mergekit"] = "tensor",
+    out_dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 10**9,
     progress: Progress | None = None,
     **params: Any,
@@ -232,15 +247,22 @@ def merge_checkpoints(
 
     Args:
         method: a name in `METHODS`.
-        models: the models to merge (`.safetensors` files or folders).
+        models: the models to merge (`.safetensors` files or folders, or open readers such as
+            `sources.VersionReader` for lineage versions).
         base: the base model. Task-vector methods (task_arithmetic, ties, dare_*) need it and
             merge `model - base`; the robust family uses it when given; for linear and slerp
             it is simply the first input.
         weights: one per model, or one for all (default 1.0 each).
         output: the folder to create (safetensors, sharded above `max_shard_bytes`).
         force: replace `output` if it exists.
-        seed: seeds random methods (DARE), per tensor from `(seed, tensor name)`.
+        seed: seeds random methods (DARE).
+        rng: "tensor": one stream per tensor, seeded from `(seed, tensor name)`, so a tensor's
+            result does not depend on the others (the swarm's choice); "mergekit": one stream,
+            `torch.manual_seed(seed)`, drawn through the tensors in name order and the models in
+            input order, as `mergekit-yaml --random-seed` draws (see docs on exactness).
         allow_missing: merge a tensor absent from some models over those that have it.
+        out_dtype: write floating-point tensors in this dtype (default: the inputs'); merging
+            is float32 either way.
         progress: called as `(done, total, name)` after each tensor is written.
         params: the method's parameters (density, t, normalize, ...; see `METHODS`).
 
@@ -255,32 +277,47 @@ def merge_checkpoints(
     """
     started = time.perf_counter()
     m = get_method(method)
-    model_paths = [str(p) for p in models]
+    model_sources = list(models)
     if m.base == "input":
-        inputs = ([str(base)] if base is not None else []) + model_paths
-        base_path = None
+        sources = ([base] if base is not None else []) + model_sources
+        base_source = None
     else:
         if m.base == "required" and base is None:
             raise BaseRequired(method)
-        inputs, base_path = model_paths, (str(base) if base is not None else None)
+        sources, base_source = model_sources, base
+    inputs = [_label(x) for x in sources]
+    base_path = _label(base_source) if base_source is not None else None
     m, kwargs = prepare(method, len(inputs), weights, params)
 
     out = Path(output)
-    for p in [*inputs, *([base_path] if base_path else [])]:
-        ip = Path(p).resolve()
+    for x in [*sources, *([base_source] if base_source is not None else [])]:
+        if hasattr(x, "names"):
+            continue  # a lineage version: nothing on disk to overwrite
+        ip = Path(x).resolve()
         if out.resolve() == ip or out.resolve() in ip.parents:
-            raise OutputExists(str(out), f"is (or holds) the input {p}")
+            raise OutputExists(str(out), f"is (or holds) the input {x}")
     if out.exists() and not force:
         raise OutputExists(str(out))
 
-    readers = [_open(p) for p in inputs]
-    base_reader = _open(base_path) if base_path else None
+    readers = [_open(x) for x in sources]
+    base_reader = _open(base_source) if base_source is not None else None
     reference = base_reader or readers[0]
     ref_label = base_path or inputs[0]
     plan = _plan(reference, ref_label, readers if base_reader else readers[1:], inputs if base_reader else inputs[1:],
                  allow_missing)
     if not base_reader:  # the reference is input 0: it holds every output tensor
         plan.present = {k: [0] + [i + 1 for i in v] for k, v in plan.present.items()}
+    if out_dtype is not None:
+        for name, (dtype, shape) in plan.layout.items():
+            if torch_dtype(dtype).is_floating_point:
+                plan.layout[name] = (dtype_name(out_dtype), shape)
+    cast = (lambda t: t.to(out_dtype) if out_dtype is not None and t.is_floating_point() else t)
+    generator = None
+    if rng == "mergekit":
+        # mergekit's executor runs one task per tensor, ordered by tensor name (its
+        # `group_label`), each drawing for its models in the recipe's order
+        plan.names.sort()
+        generator = torch.Generator().manual_seed(seed)
 
     bytes_read = 0
     all_readers = [*readers, *([base_reader] if base_reader else [])]
@@ -321,7 +358,7 @@ def merge_checkpoints(
                 b = _get(base_reader, name)
                 count_read(b.numel() * b.element_size())
             if not xs:
-                yield name, b  # mergekit: no task vector for this tensor, keep the base
+                yield name, cast(b)  # mergekit: no task vector for this tensor, keep the base
                 continue
             if not xs[0].is_floating_point():
                 ref = b if b is not None else xs[0]
@@ -330,14 +367,14 @@ def merge_checkpoints(
                 yield name, ref
                 continue
             if m.n_models is not None and len(xs) != m.n_models:
-                yield name, xs[0]  # mergekit's slerp: a tensor only one model has is copied
+                yield name, cast(xs[0])  # mergekit's slerp: a tensor only one model has is copied
                 continue
             merged = merge_one(m, _subset(m, kwargs, idx, len(readers)), xs, b, seed=seed, name=name,
-                               transform=transform_for(name, idx))
+                               transform=transform_for(name, idx), generator=generator)
             del xs, b
             release_maps()
             n_merged += 1
-            yield name, merged
+            yield name, cast(merged)
 
     done = 0
     written = 0
@@ -356,6 +393,7 @@ def merge_checkpoints(
         "models": inputs,
         "base": base_path,
         "seed": seed,
+        "rng": rng,
         "allow_missing": allow_missing,
     }
     extra[PROVENANCE_FILE] = (json.dumps(provenance, indent=2, default=str) + "\n").encode()

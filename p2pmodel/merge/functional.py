@@ -95,10 +95,12 @@ def prepare(
     return m, m.resolve(n_inputs, params)
 
 
-def apply(m: MergeMethod, kwargs: dict[str, Any], stacked: Tensor, *, seed: int = 0, name: str = "") -> Tensor:
-    """Call the method on `stacked` (shape `(n, *shape)`) with resolved `kwargs`."""
+def apply(m: MergeMethod, kwargs: dict[str, Any], stacked: Tensor, *, seed: int = 0, name: str = "",
+          generator: torch.Generator | None = None) -> Tensor:
+    """Call the method on `stacked` (shape `(n, *shape)`) with resolved `kwargs`. Random methods
+    draw from `generator`, else from a fresh `tensor_generator(seed, name)`."""
     if m.random:
-        kwargs = {**kwargs, "generator": tensor_generator(seed, name)}
+        kwargs = {**kwargs, "generator": generator or tensor_generator(seed, name)}
     return m.func(stacked, **kwargs)
 
 
@@ -164,19 +166,22 @@ def merge_one(
     seed: int = 0,
     name: str = "",
     transform: Callable[[Tensor], Tensor] | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Merge already-validated tensors with resolved `kwargs`; returns the inputs' dtype.
 
     `base` is subtracted before and added after a task-vector method (pass None for linear
     and slerp, whose base is one of `tensors`). `transform` maps the stacked task vectors
-    before the method sees them (the engine's whole-model TIES trim).
+    before the method sees them (the engine's whole-model TIES trim). `generator`, when given,
+    is the stream random methods draw from (and advance), instead of one seeded per tensor.
     """
+    if m.random and generator is None:
+        generator = tensor_generator(seed, name)
     out_dtype = tensors[0].dtype
     wd = work_dtype(out_dtype)
     if base is not None and transform is None:
         from p2pmodel.merge.gta import fused_merge
 
-        generator = tensor_generator(seed, name) if m.random else None
         fused = fused_merge(m.name, kwargs, tensors, base, generator)
         if fused is not None:
             return fused.to(out_dtype)
@@ -184,7 +189,7 @@ def merge_one(
         stacked = torch.stack([t.detach().to("cpu", wd) for t in tensors])  # (n, *shape)
         if transform is not None:
             stacked = transform(stacked)
-        return apply(m, kwargs, stacked, seed=seed, name=name).to(out_dtype)
+        return apply(m, kwargs, stacked, generator=generator).to(out_dtype)
     b = base.detach().to("cpu", wd)
     deltas = buffer("deltas", (len(tensors), *b.shape), wd)  # (n, *shape): the task vectors
     for i, t in enumerate(tensors):
@@ -192,7 +197,7 @@ def merge_one(
         torch.sub(t.detach().to("cpu", wd), b, out=deltas[i])
     if transform is not None:
         deltas = transform(deltas)
-    return (b + apply(m, kwargs, deltas, seed=seed, name=name)).to(out_dtype)
+    return (b + apply(m, kwargs, deltas, generator=generator)).to(out_dtype)
 
 
 def merge_deltas(

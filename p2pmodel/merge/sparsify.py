@@ -6,8 +6,10 @@ Follows `mergekit/sparsify.py` (arcee-ai/mergekit):
   this tensor, zero the rest (mergekit's `magnitude`, top-k by `argsort` of `|d|`).
   mergekit asserts `k > 0`; we keep at least one entry instead, so a low density does not
   abort a merge on a tiny tensor (a bias of 4 entries at density 0.2).
-  Ties between equal magnitudes are broken by position (stable sort) so every peer keeps
-  the same entries.
+  Ties between equal magnitudes at the cut are broken by position (a stable sort's order) so
+  every peer keeps the same entries. mergekit's `argsort` is not stable (for tensors beyond
+  torch's small-sort size its order among equal values is the sort implementation's), so where
+  equal magnitudes straddle the cut it may keep other ones of them than we do.
 - `bernoulli(d, density)`: keep each entry independently with probability `density`
   (mergekit's `bernoulli`), drawn from the caller's seeded generator.
 - Rescaling of what is kept (`rescale`):
