@@ -115,7 +115,7 @@ async def fetch_event(transport: Transport, bootstrap: Sequence[str], event_id: 
         await asyncio.sleep(_RETRY_PAUSE)
 
 
-def task_options(event: EventConfig, data: Sequence[str], store: LineageStore, home: Path) -> tuple[dict[str, Any], Path | None]:
+def task_options(event: EventConfig, data: Sequence[str], store: LineageStore, home: Path) -> dict[str, Any]:
     """The options to build the event's task with on this node: the event's `task_options`
     plus what is local to this machine.
 
@@ -123,9 +123,6 @@ def task_options(event: EventConfig, data: Sequence[str], store: LineageStore, h
       name its own (an older event may), refused for charlm (its data is built in).
     - `model_dir` (hf events whose seed version holds `config.json`): the seed version's files,
       written to `home/model/`.
-
-    Returns:
-        `(options, folder)`: `folder` is the model folder written (None when none was).
 
     Raises:
         ConfigError: `--data` missing, given where the event has no use for it, or given
@@ -140,11 +137,9 @@ def task_options(event: EventConfig, data: Sequence[str], store: LineageStore, h
         options["text_files"] = [str(Path(p).expanduser()) for p in data]
     elif event.task == "hf" and "text_files" not in options:
         raise ConfigError("--data", "an hf event trains on each volunteer's own text: pass --data FILE_OR_FOLDER ...")
-    folder = None
     if event.task == "hf" and "model_dir" not in options and event.seed_version:
-        folder = _write_model_folder(store, event.seed_version, home / MODEL_FOLDER)
-        options["model_dir"] = str(folder)
-    return options, folder
+        options["model_dir"] = str(_write_model_folder(store, event.seed_version, home / MODEL_FOLDER))
+    return options
 
 
 def _write_model_folder(store: LineageStore, seed: str, folder: Path) -> Path:

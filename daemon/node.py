@@ -233,7 +233,6 @@ class Node:
             sources = peer_ids_of(config.peers)
             if event is None:
                 event, sources = await fetch_event(self.transport, sources, config.event_id)
-                _check_home(home, None, event)
                 if not event.seeder:
                     raise NodeError(f"event {config.event_id[:12]} names no seeder, so no joiner can check its history")
             self.event = event
@@ -244,7 +243,7 @@ class Node:
                     raise NodeError(f"cannot fetch the event's seed version: {e}") from None
             if not (home / MODEL_FOLDER).exists():
                 made.append(home / MODEL_FOLDER)
-            options, _ = await asyncio.to_thread(task_options, event, config.data, self.store, home)
+            options = await asyncio.to_thread(task_options, event, config.data, self.store, home)
             self.task = await asyncio.to_thread(load_task, event.task, **options)
             head = await asyncio.to_thread(seed_version, self.store, self.task, event)
             self.transport.put_blob(event.manifest_bytes(), kind="manifest")  # any peer hands the event on

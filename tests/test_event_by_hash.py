@@ -152,8 +152,8 @@ def test_an_hf_nodes_model_folder_is_written_from_the_seed_versions_files(tmp_pa
     files = {"config.json": b'{"model_type": "gpt2"}', "tokenizer.json": b"{}", "../escape": b"no"}
     store, seed = _seed_store(tmp_path, files)
     with store:
-        options, folder = task_options(EventConfig(task="hf", seed_version=seed, task_options={"context": 8}), ["a.txt"], store, tmp_path / "home")
-    assert folder == tmp_path / "home" / MODEL_FOLDER
+        options = task_options(EventConfig(task="hf", seed_version=seed, task_options={"context": 8}), ["a.txt"], store, tmp_path / "home")
+    folder = tmp_path / "home" / MODEL_FOLDER
     assert options == {"context": 8, "text_files": ["a.txt"], "model_dir": str(folder)}
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "tokenizer.json"]  # plain names only
     assert (folder / "config.json").read_bytes() == files["config.json"] and not (tmp_path / "home" / "escape").exists()
@@ -175,7 +175,8 @@ def seed_lineage(tmp_path_factory):
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def peers(seed_lineage):
     """An honest peer (serves the manifest and the lineage), a liar (serves other bytes under the
-    event id), a peer that has nothing, and a joiner bootstrapped through the liar."""
+    event id), a bloated peer (serves more than MAX_MANIFEST bytes under it), a peer that has
+    nothing, and a joiner bootstrapped through the liar."""
     store = seed_lineage[0]
     honest = await Transport.create()
     honest.put_blob(EVENT.manifest_bytes(), kind="manifest")
@@ -183,10 +184,12 @@ async def peers(seed_lineage):
     liar = await Transport.create(initial_peers=await honest.visible_maddrs())
     forged = dataclasses.replace(EVENT, seeder="cd" * 20).manifest_bytes()
     liar.add_source(lambda oid: forged if oid == EVENT_ID else None)
+    bloated = await Transport.create(initial_peers=await honest.visible_maddrs())
+    bloated.add_source(lambda oid: b" " * (MAX_MANIFEST + 1) if oid == EVENT_ID else None)
     empty = await Transport.create(initial_peers=await honest.visible_maddrs())
     joiner = await Transport.create(initial_peers=await liar.visible_maddrs())
-    yield {"honest": honest, "liar": liar, "empty": empty, "joiner": joiner}
-    for t in (joiner, empty, liar, honest):
+    yield {"honest": honest, "liar": liar, "bloated": bloated, "empty": empty, "joiner": joiner}
+    for t in (joiner, empty, bloated, liar, honest):
         await t.shutdown()
 
 
@@ -196,11 +199,14 @@ def _name(t: Transport) -> str:
 
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.multiprocess
-async def test_a_liar_is_refused_and_the_next_peer_serves_the_event(peers):
-    order = [_name(peers["liar"]), _name(peers["empty"]), _name(peers["honest"])]
+async def test_liars_are_refused_and_the_next_peer_serves_the_event(peers):
+    order = [_name(peers[n]) for n in ("liar", "bloated", "empty", "honest")]
     event, sources = await fetch_event(peers["joiner"], order, EVENT_ID, timeout=60)
     assert event == EVENT
-    assert sources[0] == _name(peers["honest"]) and _name(peers["liar"]) not in sources
+    assert sources[0] == _name(peers["honest"])
+    assert _name(peers["liar"]) not in sources and _name(peers["bloated"]) not in sources
+    received = peers["joiner"].counters.snapshot()["manifest"]["received"]
+    assert received < 2 * len(EVENT.manifest_bytes()) + 16 * 1024  # the bloated copy was refused by its size, unread
 
 
 @pytest.mark.asyncio(loop_scope="module")
