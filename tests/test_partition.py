@@ -32,7 +32,14 @@ def _usable() -> str:
         if shutil.which(tool) is None:
             return f"needs {tool} (scripts/setup installs iptables where apt-get is available)"
     probe = subprocess.run(["unshare", "-n", "iptables", "-S"], capture_output=True)
-    return "" if probe.returncode == 0 else "iptables does not work in a network namespace here"
+    if probe.returncode != 0:
+        return "iptables does not work in a network namespace here"
+    # the groups' nodes run as uids 1001/1002: they must be able to run this interpreter
+    runs = subprocess.run(["setpriv", "--reuid=1001", "--regid=1001", "--clear-groups", sys.executable, "-c", "import p2pmodel"],
+                          capture_output=True, text=True)  # fmt: skip
+    if runs.returncode != 0:
+        return f"uid 1001 cannot run {sys.executable} here (a folder on its path is private?): {runs.stderr.strip()[-200:]}"
+    return ""
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ on-disk cache after the first time), so a merge does not pay for compiling.
 
 from __future__ import annotations
 
-import numba as nb
+from p2pmodel.merge.jit import numba as nb
 import numpy as np
 
 from p2pmodel.merge.mt19937 import Mt19937, next_block, temper

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import struct
 
-import numba as nb
+from p2pmodel.merge.jit import numba as nb
 import numpy as np
 import torch
 
