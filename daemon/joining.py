@@ -112,6 +112,7 @@ async def fetch_event(transport: Transport, bootstrap: Sequence[str], event_id: 
             return event, [peer, *(p for p in candidates if p != peer and p not in untrusted)]
         if loop.time() + _RETRY_PAUSE >= deadline:
             raise EventUnavailable(event_id, reasons)
+        del reasons[:-16]  # the latest per peer is what a user needs; passes repeat the rest
         await asyncio.sleep(_RETRY_PAUSE)
 
 
