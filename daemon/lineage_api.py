@@ -7,7 +7,8 @@ Routes (all GET; every answer is JSON; errors are `{"error": ..., "status": code
     /api/diff/<id>?top=K    the version against its first parent: totals and the K (1..100) tensors
                             that moved most
     /api/credits?limit=N    the contributor leaderboard (`p2pmodel.credits`) over the last N
-                            versions of HEAD's branch, N in 1..5000
+                            versions of HEAD's branch, N in 1..5000, with the display names and
+                            samples this node saw each peer announce (`certificate["observed"]`)
 
 `<id>` is a full id or a unique hex prefix of 4 or more digits, never a ref or a path: nothing a
 client sends becomes a file name. Every call is blocking (SQLite and object reads), so the

@@ -5,7 +5,7 @@ metrics, contributor count, CI votes and screened deltas, bounded by `limit` (1.
 when it cut; `/api/version/<id>` takes a full id or a unique hex prefix and returns the merge
 spec, contributors, metrics, each CI vote opened and checked, and the screened deltas with their
 reasons; `/api/diff/<id>` compares a version with its first parent; `/api/credits` is the
-leaderboard of `p2pmodel.credits`. Bad input (not hex, ambiguous, unknown, out-of-range or
+leaderboard of `p2pmodel.credits`, with the names and samples the node saw announced. Bad input (not hex, ambiguous, unknown, out-of-range or
 non-integer limits, unknown routes, other methods, another Host) is a JSON error with a 4xx
 code, never a traceback or a file read; a server without a lineage answers 503. The page and
 its assets (uPlot vendored, no CDN) are served with their content types; anything else under
