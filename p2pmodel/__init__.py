@@ -8,6 +8,8 @@ Map of the core (this package imports neither `p2pmodel.protocols` nor `p2pmodel
 - `training.py`— the inner loop and DiLoCo's outer step.
 - `versioning.py`, `screening.py`, `ci.py` — the version a round commits, the deltas its merge
   leaves out, and the CI gate (pure functions every peer runs the same).
+- `credits.py`, `peers.py` — the contributor leaderboard; what a node knows of its swarm's peers
+  (display names made safe, reachability, rates: the status's `swarm` section).
 - `checkpoint/` — reading and writing checkpoints (safetensors files and folders).
 - `dtypes.py`, `atomic.py` — the safetensors dtype table; atomic file writes.
 - `cli/`       — the `p2pmodel` command line (porcelain over everything).
