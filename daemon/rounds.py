@@ -48,7 +48,7 @@ import torch
 
 from p2pmodel.daemon.disk import DiskWatch
 from p2pmodel.daemon.gossip import Gossip
-from p2pmodel.daemon.logs import Progress, get_logger
+from p2pmodel.daemon.logs import StatusLine, get_logger
 from p2pmodel.daemon.sync import CertifiedVersion, SyncError, commit_signers, sync_version, verify_by_chain, verify_commit
 from p2pmodel.daemon.transport import FetchError, TransportError, expiration_in
 from p2pmodel.errors import P2PModelError
@@ -226,7 +226,7 @@ class RoundRunner:
         self.rounds_joined = 0
         self.history: list[dict[str, Any]] = []  # committed rounds: times, bytes, eval loss
         self.times: RoundTimes | None = None
-        self.progress = Progress()
+        self.progress = StatusLine()
         self._accepting = True
         self._stop_sent = False
         self._tasks: set[asyncio.Task] = set()
