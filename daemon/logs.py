@@ -165,10 +165,6 @@ class StatusLine:
         self._line.hide()
 
 
-# The old name, still imported by daemon/rounds.py and tests/test_cli_join.py; use StatusLine.
-Progress = StatusLine
-
-
 def configure_logging(level: str = "INFO", *, stream: TextIO | None = None) -> None:
     """Send p2pmodel's logs, and hivemind's from WARNING up, to `stream` (default stderr) at `level`.
 

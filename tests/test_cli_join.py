@@ -7,7 +7,7 @@ Guarantees:
   a free one; a port asked for explicitly is not (one line naming it);
 - a start that fails leaves the home as it was, plus the identity keys: nothing ties it to the
   event it failed to join, so the next start may join another;
-- log lines never land inside the terminal's progress line: every `Progress` and every log
+- log lines never land inside the terminal's progress line: every `StatusLine` and every log
   line (hivemind's included) go through one writer;
 - SIGINT to a running node's process group (Ctrl-C in a terminal, which reaches p2pd too) ends
   it within `--shutdown-timeout`, with exit code 0, no traceback, and no p2pd left behind.
@@ -42,7 +42,7 @@ from p2pmodel.daemon.config import (
     NodeConfig,
     node_config_from_args,
 )
-from p2pmodel.daemon.logs import Progress, configure_logging, get_logger
+from p2pmodel.daemon.logs import StatusLine, configure_logging, get_logger
 from p2pmodel.daemon.node import Node, NodeError, _open_status
 from p2pmodel.daemon.status import StatusUnavailable, fetch_status
 from p2pmodel.protocols.signing import PeerIdentity
@@ -214,7 +214,7 @@ def terminal():
 
 def test_a_log_line_is_printed_above_the_progress_line_never_inside_it(terminal):
     configure_logging("INFO", stream=terminal)
-    rounds_progress = Progress(stream=terminal, enabled=True)  # as the round runner makes its own
+    rounds_progress = StatusLine(stream=terminal, enabled=True)  # as the round runner makes its own
     rounds_progress.update("round 3 | collecting | train 10/50")
     get_logger("test").info("peer joined", peer="abc")
     rounds_progress.update("round 3 | collecting | train 11/50")
@@ -224,7 +224,7 @@ def test_a_log_line_is_printed_above_the_progress_line_never_inside_it(terminal)
 
 
 def test_every_progress_on_one_stream_draws_the_same_line(terminal):
-    a, b = Progress(stream=terminal, enabled=True), Progress(stream=terminal, enabled=True)
+    a, b = StatusLine(stream=terminal, enabled=True), StatusLine(stream=terminal, enabled=True)
     a.update("from a")
     b.update("from b")
     assert _screen(terminal.getvalue()) == ["from b"]
@@ -232,7 +232,7 @@ def test_every_progress_on_one_stream_draws_the_same_line(terminal):
 
 def test_hivemind_log_lines_go_through_the_same_writer(terminal):
     configure_logging("INFO", stream=terminal)
-    Progress(stream=terminal, enabled=True).update("round 1")
+    StatusLine(stream=terminal, enabled=True).update("round 1")
     logging.getLogger("hivemind.p2p").error("p2pd said something")
     screen = _screen(terminal.getvalue())
     assert screen[-1] == "round 1" and screen[0].endswith("p2pd said something")
@@ -240,7 +240,7 @@ def test_hivemind_log_lines_go_through_the_same_writer(terminal):
 
 def test_closing_the_progress_leaves_only_the_log_lines(terminal):
     configure_logging("INFO", stream=terminal)
-    p = Progress(stream=terminal, enabled=True)
+    p = StatusLine(stream=terminal, enabled=True)
     p.update("round 1")
     get_logger("test").info("bye")
     p.close()
