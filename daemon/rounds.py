@@ -260,6 +260,7 @@ class RoundRunner:
         store = self.store
         head = store.branches()["main"]
         version = await asyncio.to_thread(store.get_version, head)
+        await self._learn_peers([])  # the roster: push to the swarm from our first record on
         best = await self._newest_commit(head, self._electorate_of(version))
         if best is not None and (version.round is None or best.round > version.round):
             await self._learn_peers([best.round, best.round + 1])
