@@ -165,7 +165,7 @@ def test_log_json_lists_versions_newest_first_with_metrics_and_refs(capsys, repo
     assert entries[0]["metrics"] == {"eval_loss": 2.5} and entries[1]["metrics"] is None
     assert entries[0]["refs"] == ["refs/heads/main"] and entries[0]["head"] is True
     assert set(entries[0]) == {"id", "parents", "time", "message", "author", "round", "metrics",
-                               "n_tensors", "refs", "head", "contributors"}
+                               "n_tensors", "refs", "head", "contributors", "pruned"}
 
 
 def test_log_limit_shows_at_most_n(capsys, repo):

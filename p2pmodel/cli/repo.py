@@ -13,10 +13,11 @@ ids are full 64-hex strings, shapes are lists of ints, bytes are ints:
 - `log --json`: a list, newest first, of
   `{"id", "parents": [id], "time", "message", "author", "round": int|null,
     "metrics": {name: float}|null, "n_tensors", "refs": [name], "head": bool,
-    "contributors": [str]}`
+    "contributors": [str], "pruned": bool}`
   where `refs` holds the full names of the refs pointing at the version
   (`refs/heads/main`, `refs/tags/v1`), `head` is true for the current branch's tip and
-  `contributors` are the peer ids whose work the version merges (empty for a local commit).
+  `contributors` are the peer ids whose work the version merges (empty for a local commit);
+  `pruned` is true when only the version's record is kept (its tensors were pruned: `gc --prune`).
 - `show --json`: `{"id", "parents", "refs", "head", "time", "message", "author", "round",
   "merge": object|null, "contributors": [str], "metrics": {..}, "certificate": object|null
   (bytes as hex strings), "tensors": {name: {"oid", "dtype", "shape", "nbytes"}},
@@ -32,7 +33,7 @@ ids are full 64-hex strings, shapes are lists of ints, bytes are ints:
   "unreferenced_objects", "stray_temp_files", "problems": [{"oid", "kind", "versions", "detail"}]}`;
   with `--repair-from REPO...` also `"repaired": [oid]` (the checks are those after repairing).
 - `gc --json`: `{"removed_objects", "bytes_freed", "removed_versions", "removed_temp_files",
-  "kept_objects"}`.
+  "kept_objects"}`; with `--prune` also `"pruned_versions": [id]` (those newly pruned).
 
 Exit codes: 0 success; 1 an error p2pmodel diagnosed (one line on stderr), or damage found
 by `verify`; 2 a usage error.
@@ -53,7 +54,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from p2pmodel.checkpoint import OutputExists, open_checkpoint, write_hf_folder, write_safetensors
 from p2pmodel.errors import P2PModelError, UsageError
-from p2pmodel.lineage import LineageStore, TensorEntry, Version
+from p2pmodel.lineage import LineageStore, RetentionPolicy, TensorEntry, Version, apply_retention
 from p2pmodel.lineage.diff import DiffReport, diff_versions
 from p2pmodel.lineage.refs import TAG_PREFIX
 from p2pmodel.progress import Progress, format_bytes
@@ -154,6 +155,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = add("gc", cmd_gc, "delete objects no branch or tag reaches; report bytes freed")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--prune", action="store_true",
+                   help="also drop the tensors and optimizer state of old versions, keeping their records, "
+                        "metrics and certificates (log and history stay whole)")
+    p.add_argument("--keep-last", type=int, default=RetentionPolicy.keep_last, metavar="K",
+                   help="with --prune: keep the newest K versions of every branch and tag whole "
+                        "(default: %(default)s; at least 2)")
+    p.add_argument("--keep-every", type=int, default=RetentionPolicy.keep_every, metavar="N",
+                   help="with --prune: also keep every version whose round is a multiple of N whole "
+                        "(default: %(default)s; 0: none)")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -349,7 +359,7 @@ def cmd_log(args: argparse.Namespace) -> int:
         _print_json([
             {"id": i.id, "parents": list(i.parents), "time": i.time, "message": i.message, "author": i.author,
              "round": i.round, "metrics": i.metrics, "n_tensors": i.n_tensors, "refs": full.get(i.id, []),
-             "head": i.id == head, "contributors": list(records[i.id].contributors)}
+             "head": i.id == head, "contributors": list(records[i.id].contributors), "pruned": i.pruned}
             for i in infos
         ])
         return 0
@@ -361,7 +371,8 @@ def cmd_log(args: argparse.Namespace) -> int:
             extra = _round_text(i.round, i.metrics, records[i.id], certificates[i.id])
         else:
             extra = _metrics_text(i.metrics)
-        texts.append(f"{i.id[:SHORT]}  {_when(i.time)}  {deco}{first_line}" + (f"  [{extra}]" if extra else ""))
+        mark = "  (pruned)" if i.pruned else ""  # record only: its tensors are not kept here
+        texts.append(f"{i.id[:SHORT]}  {_when(i.time)}  {deco}{first_line}" + (f"  [{extra}]" if extra else "") + mark)
     if args.graph:
         lines = draw_graph([(i.id, i.parents) for i in infos], texts)
     else:
@@ -689,11 +700,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    pruned: tuple[str, ...] = ()
+    if not args.prune and (args.keep_last != RetentionPolicy.keep_last or args.keep_every != RetentionPolicy.keep_every):
+        raise UsageError("--keep-last and --keep-every apply only with --prune")
     with _open(args) as store:
-        report = store.gc()
+        if args.prune:
+            policy = RetentionPolicy(keep_last=args.keep_last, keep_every=args.keep_every)  # InvalidRetention: one line
+            result = apply_retention(store, policy, full_gc=True)
+            pruned, report = result.pruned, result.freed
+        else:
+            report = store.gc()
     if args.json:
-        _print_json(dataclasses.asdict(report))
+        d = dataclasses.asdict(report)
+        if args.prune:
+            d["pruned_versions"] = list(pruned)
+        _print_json(d)
         return 0
+    if args.prune:
+        print(f"pruned {len(pruned)} versions (records, metrics and certificates kept)")
     print(f"removed {report.removed_objects} objects and {report.removed_versions} unreachable versions, "
           f"freed {format_bytes(report.bytes_freed)} ({report.bytes_freed} bytes); kept {report.kept_objects} objects")
     return 0

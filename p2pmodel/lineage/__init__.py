@@ -7,7 +7,9 @@
                      resolve, log/children queries; ObjectMissing / ObjectCorrupt.
 - `refs.py`        — ref names and revision syntax (`main~3`, `HEAD^2`, prefixes); ref errors.
 - `index.py`       — the SQLite index: versions, parent edges, refs, HEAD, annotations.
-- `maintenance.py` — `verify` (fsck) and `gc`.
+- `maintenance.py` — `verify` (fsck), `gc`, and `free_pruned` (objects only pruned versions need).
+- `retention.py`   — which versions keep their tensors (`RetentionPolicy`, `plan_pruning`, pure)
+                     and `apply_retention`; pruned versions keep record, annotations, certificate.
 
 See docs/ARCHITECTURE.md ("p2pmodel.lineage") for the contract.
 """
@@ -25,7 +27,16 @@ from p2pmodel.lineage.objects import (
 )
 from p2pmodel.lineage.refs import AmbiguousRef, InvalidRefName, RefConflict, RefError, RefNotFound
 from p2pmodel.lineage.maintenance import GcRefused, GcReport, Problem, RepairReport, VerifyReport
-from p2pmodel.lineage.store import LineageStore, ObjectCorrupt, ObjectMissing, RepositoryExists, RepositoryNotFound
+from p2pmodel.lineage.store import (
+    LineageStore,
+    ObjectCorrupt,
+    ObjectMissing,
+    PruneRefused,
+    RepositoryExists,
+    RepositoryNotFound,
+    VersionPruned,
+)
+from p2pmodel.lineage.retention import InvalidRetention, RetentionPolicy, RetentionReport, apply_retention, plan_pruning
 
 __all__ = [
     "ANY",
@@ -35,16 +46,20 @@ __all__ = [
     "GcRefused",
     "GcReport",
     "InvalidObject",
+    "InvalidRetention",
     "InvalidRefName",
     "LineageError",
     "LineageStore",
     "ObjectCorrupt",
     "ObjectMissing",
     "Problem",
+    "PruneRefused",
     "RefConflict",
     "RefError",
     "RefNotFound",
     "RepairReport",
+    "RetentionPolicy",
+    "RetentionReport",
     "RepositoryExists",
     "RepositoryNotFound",
     "TensorEntry",
@@ -52,5 +67,8 @@ __all__ = [
     "Version",
     "VersionInfo",
     "VerifyReport",
+    "VersionPruned",
+    "apply_retention",
+    "plan_pruning",
     "tensor_oid",
 ]

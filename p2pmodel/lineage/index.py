@@ -1,4 +1,5 @@
-"""The SQLite index of a lineage repository: versions, parent edges, refs, annotations, HEAD.
+"""The SQLite index of a lineage repository: versions, parent edges, refs, annotations, HEAD,
+and which versions are pruned.
 
 The index answers the queries a dashboard makes (log of a branch, versions with metrics,
 children of a version) without reading records. It is written LAST, in one transaction,
@@ -6,6 +7,10 @@ after every object a version needs and the version record itself are durable on 
 version is visible (indexed, reachable from a ref) only once it is whole.
 
 Annotations (metrics, certificate) live only here: they are not part of a version's id.
+A *pruned* version (table `pruned`) keeps its record, annotations and index row, but the
+store no longer holds (or never fetched) its tensors, optimizer state and files: see
+`retention.py`. Repositories made before the table existed get it when opened
+(`_patch_pruned_table`).
 The database runs in WAL mode with `synchronous=FULL`, so a committed transaction
 survives a crash of the process or the machine.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -27,7 +33,9 @@ from p2pmodel.lineage.refs import BRANCH_PREFIX, TAG_PREFIX, RefConflict
 
 __all__ = ["Index", "VersionInfo", "ANY"]
 
-SCHEMA_VERSION = 1
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # 2: the `pruned` table
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,7 +56,10 @@ CREATE TABLE IF NOT EXISTS parents (
 );
 CREATE INDEX IF NOT EXISTS parents_by_parent ON parents (parent);
 CREATE TABLE IF NOT EXISTS refs (name TEXT PRIMARY KEY, target TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pruned (id TEXT PRIMARY KEY);  -- versions kept as records only
 """
+
+_PRUNED_TABLE = "CREATE TABLE IF NOT EXISTS pruned (id TEXT PRIMARY KEY)"
 
 
 class _Any:
@@ -71,6 +82,7 @@ class VersionInfo:
     author: str
     n_tensors: int
     metrics: dict[str, float] | None
+    pruned: bool = False  # record only: its tensors and optimizer state are not in this store
 
 
 class Index:
@@ -91,6 +103,17 @@ class Index:
                         db.execute(statement)
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('HEAD', ?)", (BRANCH_PREFIX + "main",))
+        else:
+            self._patch_pruned_table()
+
+    def _patch_pruned_table(self) -> None:
+        """Schema 1 -> 2: add the (empty) `pruned` table to a repository made before it existed."""
+        if self._q("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pruned'"):
+            return
+        with self.transaction() as db:
+            db.execute(_PRUNED_TABLE)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        logger.info("lineage index upgraded to schema %d: added the pruned-versions table", SCHEMA_VERSION)
 
     def close(self) -> None:
         with self._lock:
@@ -122,10 +145,12 @@ class Index:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     # --- versions -----------------------------------------------------------------------
-    def add_version(self, db: sqlite3.Connection, v: Version, ann: Annotations | None) -> None:
+    def add_version(self, db: sqlite3.Connection, v: Version, ann: Annotations | None, pruned: bool = False) -> None:
         """Insert a version and its parent edges (inside `db`'s transaction); idempotent.
 
-        Annotations given for an already-indexed version replace the stored ones.
+        Annotations given for an already-indexed version replace the stored ones. `pruned`
+        indexes a new version as a record only; a whole version (pruned=False) given for a
+        pruned one makes it whole again (its objects were fetched back), never the reverse.
         """
         exists = db.execute("SELECT 1 FROM versions WHERE id = ?", (v.id,)).fetchone()
         if not exists:
@@ -134,6 +159,10 @@ class Index:
                 (v.id, v.round, v.time, v.message, v.author, len(v.tensors)),
             )
             db.executemany("INSERT INTO parents VALUES (?,?,?)", [(v.id, i, p) for i, p in enumerate(v.parents)])
+            if pruned:
+                db.execute("INSERT OR IGNORE INTO pruned VALUES (?)", (v.id,))
+        if not pruned:
+            db.execute("DELETE FROM pruned WHERE id = ?", (v.id,))
         if ann is not None:
             self.set_annotations(db, v.id, ann)
 
@@ -155,6 +184,17 @@ class Index:
     def has_version(self, vid: str) -> bool:
         return bool(self._q("SELECT 1 FROM versions WHERE id = ?", (vid,)))
 
+    # --- pruned versions ----------------------------------------------------------------
+    def is_pruned(self, vid: str) -> bool:
+        return bool(self._q("SELECT 1 FROM pruned WHERE id = ?", (vid,)))
+
+    def pruned_ids(self) -> set[str]:
+        return {r[0] for r in self._q("SELECT id FROM pruned")}
+
+    def mark_pruned(self, db: sqlite3.Connection, ids: list[str]) -> None:
+        """Inside `db`'s transaction: record `ids` (indexed versions) as pruned."""
+        db.executemany("INSERT OR IGNORE INTO pruned SELECT id FROM versions WHERE id = ?", [(vid,) for vid in ids])
+
     def ids_with_prefix(self, prefix: str, limit: int = 50) -> list[str]:
         # range scan on the unique index instead of LIKE (which ignores the index)
         hi = prefix + "g"  # 'g' sorts after every hex digit
@@ -175,18 +215,21 @@ class Index:
             )
         ]
 
+    _INFO_COLUMNS = "v.id, v.round, v.time, v.message, v.author, v.n_tensors, v.metrics, p.id IS NOT NULL"
+    _INFO_FROM = "versions v LEFT JOIN pruned p ON p.id = v.id"
+
     def info(self, vid: str) -> VersionInfo | None:
-        rows = self._q("SELECT id, round, time, message, author, n_tensors, metrics FROM versions WHERE id = ?", (vid,))
+        rows = self._q(f"SELECT {self._INFO_COLUMNS} FROM {self._INFO_FROM} WHERE v.id = ?", (vid,))
         return self._info(rows[0]) if rows else None
 
     def _info(self, row: tuple) -> VersionInfo:
-        vid, rnd, t, msg, author, n, metrics = row
-        return VersionInfo(vid, self.parents_of(vid), rnd, t, msg, author, n, json.loads(metrics) if metrics else None)
+        vid, rnd, t, msg, author, n, metrics, pruned = row
+        return VersionInfo(vid, self.parents_of(vid), rnd, t, msg, author, n, json.loads(metrics) if metrics else None, bool(pruned))
 
     def versions(self, with_metrics: bool = False) -> list[VersionInfo]:
         """Every indexed version, oldest first; only those with metrics if asked."""
-        where = "WHERE metrics IS NOT NULL" if with_metrics else ""
-        rows = self._q(f"SELECT id, round, time, message, author, n_tensors, metrics FROM versions {where} ORDER BY time, seq")
+        where = "WHERE v.metrics IS NOT NULL" if with_metrics else ""
+        rows = self._q(f"SELECT {self._INFO_COLUMNS} FROM {self._INFO_FROM} {where} ORDER BY v.time, v.seq")
         return [self._info(r) for r in rows]
 
     def ancestry(self, tip: str, limit: int | None = None) -> list[VersionInfo]:
@@ -198,8 +241,8 @@ class Index:
             rows = self._db.execute(
                 """WITH RECURSIVE anc(id) AS (
                        SELECT ? UNION SELECT p.parent FROM parents p JOIN anc ON p.child = anc.id)
-                   SELECT v.id, v.round, v.time, v.message, v.author, v.n_tensors, v.metrics, v.seq
-                   FROM versions v JOIN anc ON v.id = anc.id""",
+                   SELECT v.id, v.round, v.time, v.message, v.author, v.n_tensors, v.metrics, v.seq, p.id IS NOT NULL
+                   FROM versions v JOIN anc ON v.id = anc.id LEFT JOIN pruned p ON p.id = v.id""",
                 (tip,),
             ).fetchall()
             edges = self._db.execute(
@@ -220,7 +263,7 @@ class Index:
         while heap and (limit is None or len(out) < limit):
             _, _, vid = heapq.heappop(heap)
             r = by_id[vid]
-            out.append(VersionInfo(vid, tuple(parents.get(vid, ())), r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None))
+            out.append(VersionInfo(vid, tuple(parents.get(vid, ())), r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None, bool(r[8])))
             for p in parents.get(vid, ()):
                 if p in pending_children:
                     pending_children[p] -= 1
@@ -232,6 +275,7 @@ class Index:
         for vid in ids:
             db.execute("DELETE FROM versions WHERE id = ?", (vid,))
             db.execute("DELETE FROM parents WHERE child = ?", (vid,))
+            db.execute("DELETE FROM pruned WHERE id = ?", (vid,))
 
     # --- refs ---------------------------------------------------------------------------
     def ref(self, name: str) -> str | None:

@@ -15,6 +15,11 @@ its peers when a read fails (sync refetches, and the write replaces the damaged 
 to run if one is damaged, since it could not know what that record needs), holds the
 store's lock exclusively so no write is in flight, un-indexes unreachable versions, and
 only then unlinks files.
+
+Pruned versions (store.py, retention.py) are records only: `verify` checks their record and
+index entry but not their tensors, optimizer state or files, and `gc` keeps their records but
+not the objects only they reference. `free_pruned` deletes just those objects, touching nothing
+else (unindexed or unreachable versions, temp files): the running node calls it.
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 from p2pmodel.atomic import TMP_PREFIX
 from p2pmodel.lineage.index import Index
 from p2pmodel.lineage.objects import _HEX64, InvalidObject, LineageError, Version, check_object, parse_header
 
-__all__ = ["verify", "repair", "gc", "iter_object_files", "Problem", "VerifyReport", "RepairReport", "GcReport", "GcRefused"]
+__all__ = ["verify", "repair", "gc", "free_pruned", "iter_object_files", "Problem", "VerifyReport", "RepairReport", "GcReport", "GcRefused"]
 
 
 class Store(Protocol):
@@ -164,6 +169,7 @@ def verify(store: Store) -> VerifyReport:
                 problem(oid, "mismatch", f"manifest says {entry.dtype} {list(entry.shape)}, blob holds {info['dtype']} {list(info['shape'])}", vid)
 
     rows = store.index.raw_rows()
+    pruned = store.index.pruned_ids()
     edges: dict[str, list[str]] = {}
     for child, _, parent in store.index.all_edges():
         edges.setdefault(child, []).append(parent)
@@ -175,10 +181,11 @@ def verify(store: Store) -> VerifyReport:
         v = records.get(vid)
         if v is None:
             continue
-        for name, e in list(v.tensors.items()) + list(v.optimizer_state.items()):
+        # a pruned version's objects may be gone: only its record (above) is needed
+        for name, e in [] if vid in pruned else list(v.tensors.items()) + list(v.optimizer_state.items()):
             referenced.add(e.oid)
             need(e.oid, vid, "tensor", e)
-        for oid in v.files.values():
+        for oid in () if vid in pruned else v.files.values():
             referenced.add(oid)
             need(oid, vid, "file")
         if (v.round, v.time, v.message, v.author, len(v.tensors)) != (rnd, t, msg, author, n):
@@ -194,6 +201,8 @@ def verify(store: Store) -> VerifyReport:
     for name, target in store.index.refs().items():
         if target not in rows:
             problem(target, "index", f"ref {name} points to a version that is not indexed")
+        elif target in pruned:
+            problem(target, "index", f"ref {name} points to a pruned version (its tensors are not here)", target)
     for line in store.index.integrity():
         problem("index.sqlite", "index", line)
     report.unreferenced_objects = len(set(good) - referenced)
@@ -236,12 +245,14 @@ def repair(store: Store, sources: list[Store]) -> RepairReport:
 
 
 def _reachable(store: Store) -> tuple[set[str], set[str]]:
-    """(reachable version ids, every object id they need, records included). Raises GcRefused."""
+    """(reachable version ids, every object id they need, records included; a pruned version
+    needs only its record). Raises GcRefused."""
     versions: set[str] = set()
     for target in set(store.index.refs().values()):
         versions.update(info.id for info in store.index.ancestry(target))
     objects: set[str] = set(versions)
-    for vid in versions:
+    pruned = store.index.pruned_ids()
+    for vid in versions - pruned:
         try:
             v = store.get_version(vid)
         except LineageError as e:
@@ -274,8 +285,9 @@ def gc(store: Store, grace_s: float = 0.0) -> GcReport:
                 store.index.remove_versions(db, drop)
             report.removed_versions = len(drop)
         # keep objects still needed by versions we could not drop (too recent)
+        pruned = store.index.pruned_ids()
         for vid in store.index.all_ids():
-            if vid not in versions:
+            if vid not in versions and vid not in pruned:
                 try:
                     keep.update(store.get_version(vid).referenced_objects())
                 except LineageError:
@@ -293,4 +305,51 @@ def gc(store: Store, grace_s: float = 0.0) -> GcReport:
             os.unlink(path)
             report.removed_objects += 1
             report.bytes_freed += size
+    return report
+
+
+def free_pruned(store: Store, grace_s: float = 0.0, versions: Iterable[str] | None = None) -> GcReport:
+    """Delete the objects that pruned versions reference and no other indexed version needs.
+
+    Only those objects: unindexed records, objects a sync is staging, versions no ref reaches
+    (one a node synced but has not committed yet) and temp files are left alone, so a running
+    node can call this. `versions` limits the look to these pruned versions (those just
+    pruned; earlier ones were freed before); None looks at every pruned version. Objects
+    modified less than `grace_s` seconds ago are kept.
+
+    Raises:
+        GcRefused: the record of a version that is not pruned cannot be read (what it needs is
+            unknown, so nothing is deleted).
+    """
+    report = GcReport()
+    cutoff = time.time() - grace_s
+    with store._lock(exclusive=True):
+        pruned = store.index.pruned_ids()
+        look = pruned if versions is None else pruned & set(versions)
+        candidates: set[str] = set()
+        for vid in look:
+            try:
+                candidates.update(store.get_version(vid).referenced_objects())
+            except LineageError:
+                continue  # a damaged pruned record: what it named is found by the next full gc
+        keep: set[str] = set()
+        for vid in store.index.all_ids():
+            if vid in pruned:
+                continue
+            try:
+                keep.update(store.get_version(vid).referenced_objects())
+            except LineageError as e:
+                raise GcRefused(e) from None
+        for oid in sorted(candidates - keep):
+            path = store._path(oid)
+            try:
+                st = os.stat(path)
+                if st.st_mtime > cutoff:
+                    report.kept_objects += 1
+                    continue
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            report.removed_objects += 1
+            report.bytes_freed += st.st_size
     return report

@@ -15,6 +15,12 @@ write are stray temp files and unreferenced objects, which `verify` tolerates an
 
 Every read re-hashes what it read; a mismatch raises ObjectCorrupt, an absent file
 ObjectMissing, each naming the object and the version that needed it.
+
+A *pruned* version keeps its record, annotations and index row (history, log, credits and the
+commit chain a joiner checks stay whole) while its tensors, optimizer state and files may be
+gone: `prune` marks versions so (retention.py decides which), `gc` then frees what only they
+needed, and reading their tensors raises VersionPruned. A joiner's shallow history is indexed
+the same way (`put_version(..., pruned=True)`: records without objects).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 from p2pmodel.atomic import atomic_write, fsync_dir
 from p2pmodel.dtypes import dtype_name
 from p2pmodel.lineage.index import ANY, Index, VersionInfo
-from p2pmodel.lineage.maintenance import GcReport, RepairReport, VerifyReport, gc, repair, verify
+from p2pmodel.lineage.maintenance import GcReport, RepairReport, VerifyReport, free_pruned, gc, repair, verify
 from p2pmodel.lineage.objects import (
     _HEX64,
     Annotations,
@@ -63,6 +69,8 @@ __all__ = [
     "LineageStore",
     "ObjectMissing",
     "ObjectCorrupt",
+    "VersionPruned",
+    "PruneRefused",
     "RepositoryNotFound",
     "RepositoryExists",
 ]
@@ -89,6 +97,24 @@ class ObjectCorrupt(LineageError):
         self.needed_by = needed_by
         self.reason = reason
         super().__init__(f"object {oid} is corrupt{_needed(needed_by)}: {reason}")
+
+
+class VersionPruned(ObjectMissing):
+    """A version's tensors were pruned here (its record is kept). An ObjectMissing, so code that
+    fetches missing objects from peers handles it as it handles any absent object."""
+
+    def __init__(self, version_id: str, oid: str | None = None):
+        self.version_id, self.oid, self.needed_by = version_id, oid or version_id, version_id
+        LineageError.__init__(self, f"version {version_id[:12]} is pruned (only its record is kept here); "
+                                    "fetch it from a peer or use a later version")  # fmt: skip
+
+
+class PruneRefused(LineageError):
+    """A version a ref points to cannot be pruned (its tip must stay readable). Field: version_id, ref."""
+
+    def __init__(self, version_id: str, ref: str):
+        self.version_id, self.ref = version_id, ref
+        super().__init__(f"cannot prune {version_id[:12]}: {ref} points to it")
 
 
 class RepositoryNotFound(LineageError):
@@ -283,7 +309,12 @@ class LineageStore:
         The tensor owns a fresh buffer (no copy beyond the file read). Raises ObjectMissing, ObjectCorrupt.
         """
         oid = entry_or_oid.oid if isinstance(entry_or_oid, TensorEntry) else entry_or_oid
-        buf = self._read(oid, needed_by)
+        try:
+            buf = self._read(oid, needed_by)
+        except ObjectMissing:
+            if needed_by is not None and self.index.is_pruned(needed_by):
+                raise VersionPruned(needed_by, oid) from None
+            raise
         try:
             t = decode_tensor(buf, oid)
         except InvalidObject as e:
@@ -390,31 +421,43 @@ class LineageStore:
         self._write(oid, [blob], len(blob))
         return oid
 
-    def put_version(self, version: Version, annotations: Annotations | None = None, branch: str | None = None) -> str:
+    def put_version(
+        self, version: Version, annotations: Annotations | None = None, branch: str | None = None, *, pruned: bool = False
+    ) -> str:
         """Store and index a version whose objects and parents are already here; returns its id.
 
         `branch`, if given, is set to the version unconditionally (use `set_ref` for CAS).
+        `pruned=True` indexes the record alone, as a pruned version (a joiner's shallow
+        history: the commit chain without old tensors); a branch cannot point at it. Putting
+        a pruned version again with `pruned=False` (its objects fetched back) makes it whole.
         Raises ObjectMissing naming the first absent object or unindexed parent.
         """
         ref = full_ref_name(branch) if branch is not None else None
         if ref is not None:
             check_ref_name(ref)
-        return self._put_version(version, annotations, ref, old=ANY, check_old=False)
+            if pruned:
+                raise PruneRefused(version.id, ref)
+        return self._put_version(version, annotations, ref, old=ANY, check_old=False, pruned=pruned)
 
-    def _put_version(self, v: Version, ann: Annotations | None, ref: str | None, old: Any, check_old: bool) -> str:
+    def _put_version(
+        self, v: Version, ann: Annotations | None, ref: str | None, old: Any, check_old: bool, pruned: bool = False
+    ) -> str:
         vid = v.id
-        for oid in v.referenced_objects():
-            if not self.has_object(oid):
-                raise ObjectMissing(oid, vid)
         for p in v.parents:
             if not self.index.has_version(p):
                 raise ObjectMissing(p, vid)
         data = v.to_bytes()
         with self._lock():
+            # checked under the lock: a concurrent prune (exclusive lock) frees objects either
+            # before this check or after the version is indexed, when they are no longer freeable
+            if not pruned:
+                for oid in v.referenced_objects():
+                    if not self.has_object(oid):
+                        raise ObjectMissing(oid, vid)
             self._write(vid, [data], len(data))
             # the index row and the ref move together: a lost CAS leaves only an unindexed record
             with self.index.transaction() as db:
-                self.index.add_version(db, v, ann)
+                self.index.add_version(db, v, ann, pruned=pruned)
                 if ref is not None and check_old:
                     self.index.swap_ref_or_raise(db, ref, vid, old)
                 elif ref is not None:
@@ -451,8 +494,13 @@ class LineageStore:
         return dict(self.iter_tensors(ref))
 
     def iter_tensors(self, ref: str = "HEAD") -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) pairs of a version, read and verified one at a time."""
+        """(name, tensor) pairs of a version, read and verified one at a time.
+
+        Raises VersionPruned (before yielding anything) when only the version's record is kept.
+        """
         v = self.get_version(ref)
+        if self.index.is_pruned(v.id):
+            raise VersionPruned(v.id)
         for name, entry in v.tensors.items():
             yield name, self.get_tensor(entry, needed_by=v.id)
 
@@ -555,6 +603,38 @@ class LineageStore:
     def children(self, ref: str) -> list[str]:
         """Ids of the indexed versions that have `ref` as a parent, oldest first."""
         return self.index.children(self.resolve(ref))
+
+    # --- pruned versions ----------------------------------------------------------------
+    def is_pruned(self, ref: str) -> bool:
+        """True when only the record of the version `ref` names is kept (see the module docs)."""
+        return self.index.is_pruned(self.resolve(ref))
+
+    def pruned(self) -> set[str]:
+        """Ids of every pruned version."""
+        return self.index.pruned_ids()
+
+    def prune(self, ids: Iterable[str]) -> list[str]:
+        """Mark versions as pruned (their objects become garbage for `gc`/`free_pruned`).
+
+        Returns the ids newly marked. Raises PruneRefused for a version a branch or tag points
+        to (nothing is marked then), RefNotFound for an id not indexed.
+        """
+        wanted = [self.resolve(i) for i in ids]
+        tips = {vid: name for name, vid in self.index.refs().items()}
+        for vid in wanted:
+            if vid in tips:
+                raise PruneRefused(vid, tips[vid])
+        before = self.index.pruned_ids()
+        new = [vid for vid in dict.fromkeys(wanted) if vid not in before]
+        with self.index.transaction() as db:
+            self.index.mark_pruned(db, new)
+        return new
+
+    def free_pruned(self, grace_s: float = 0.0, versions: Iterable[str] | None = None) -> GcReport:
+        """Delete only the objects that pruned versions (all, or `versions`) alone need; safe
+        while a node runs (unindexed and unreachable versions are left alone); see
+        maintenance.free_pruned."""
+        return free_pruned(self, grace_s, versions)
 
     # --- maintenance --------------------------------------------------------------------
     def verify(self) -> VerifyReport:
