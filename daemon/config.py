@@ -96,6 +96,14 @@ class NodeConfig:
     cpu_threads: int = _f(0, "torch threads for CPU training (0: all cores but one)")
     max_rounds: int = _f(0, "leave after this many rounds have committed since start (0: run until stopped)")
     shutdown_timeout: float = _f(10.0, "seconds to finish or abandon the current round on SIGINT/SIGTERM")
+    # Retention (p2pmodel/lineage/retention.py): every round changes every tensor, so each version
+    # is a model copy. Disk stays at about keep_last + rounds/keep_every copies; records, metrics
+    # and certificates of every version stay (log, credits, the chain joiners check).
+    keep_last: int = _f(16, "retention: keep the newest K versions whole; older ones keep only their record, metrics "
+                        "and certificate, their tensors and optimizer state are deleted (0: keep every version; "
+                        "else at least 2)")
+    keep_every: int = _f(1000, "retention: also keep every version whose round is a multiple of N whole, as "
+                         "checkpoints the swarm serves (0: none)")
     fault: str = _f("", "testing only: inject a fault (see daemon/faults.py)", hidden=True)
 
     @property
@@ -355,6 +363,9 @@ def check_node_config(config: NodeConfig) -> NodeConfig:
         ("--status-port", 0 <= config.status_port <= 65535, f"must be a port in 0-65535 (0: any free port), not {config.status_port}"),
         ("--cpu-threads", config.cpu_threads >= 0, "must be >= 0 (0: all cores but one)"),
         ("--max-rounds", config.max_rounds >= 0, "must be >= 0 (0: run until stopped)"),
+        ("--keep-last", config.keep_last == 0 or config.keep_last >= 2,
+         "must be 0 (keep every version) or at least 2 (the head and its parent)"),
+        ("--keep-every", config.keep_every >= 0, "must be >= 0 (0: no checkpoints)"),
         ("--shutdown-timeout", config.shutdown_timeout > 0 and math.isfinite(config.shutdown_timeout), "must be a positive number of seconds"),
         ("--event-id", not config.event_id or bool(_SHA256.fullmatch(config.event_id)),
          f"must be an event id (64 lowercase hex digits, as the join line prints it), not {config.event_id[:80]!r}"),
