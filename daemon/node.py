@@ -17,7 +17,8 @@ Opening order (`Node.create`), closed in reverse by `shutdown`:
    port if free, else any free port: two nodes on one machine do not collide).
 
 `run()` starts the loops (`rounds` — the `RoundRunner` driving `protocols.round`; `lag` — the
-loop-lag monitor) under one supervisor: a loop that returns or raises ends the node, and the
+loop-lag monitor; `retention` — prunes old versions' tensors, `--keep-last`/`--keep-every`)
+under one supervisor: a loop that returns or raises ends the node, and the
 error is reported, never swallowed.
 
 Shutdown (SIGINT/SIGTERM or `stop()`), STYLE.md §5:
@@ -39,6 +40,7 @@ import os
 import shutil
 import signal
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,7 @@ from p2pmodel.daemon.sync import SyncError, fetch_seed
 from p2pmodel.daemon.trainer import Trainer
 from p2pmodel.daemon.transport import Transport
 from p2pmodel.errors import P2PModelError
-from p2pmodel.lineage import LineageError, LineageStore, RepositoryNotFound
+from p2pmodel.lineage import LineageError, LineageStore, RepositoryNotFound, RetentionPolicy, apply_retention
 from p2pmodel.protocols.signing import PeerIdentity, signed_by
 from p2pmodel.tasks import Task, load_task
 
@@ -68,6 +70,7 @@ __all__ = ["Node", "NodeError", "NodeShutdownError", "seed_version"]
 logger = get_logger(__name__)
 
 _MAX_ERRORS = 20  # recent errors kept for the status API
+RETENTION_TICK = 2.0  # seconds between looks at the head for the retention loop
 
 
 class NodeError(P2PModelError):
@@ -340,6 +343,7 @@ class Node:
         loops = {
             "rounds": asyncio.create_task(self.runner.run(), name="rounds"),
             "lag": asyncio.create_task(self.lag.run(), name="lag"),
+            "retention": asyncio.create_task(self._retention_loop(), name="retention"),
         }
         stop_wait = asyncio.create_task(self._stopping.wait(), name="stop")
         failure: BaseException | None = None
@@ -359,6 +363,36 @@ class Node:
             raise NodeError(f"loop failed: {failure!r}") from failure
         if errors:
             raise NodeShutdownError(errors)
+
+    async def _retention_loop(self) -> None:
+        """Prune old versions (p2pmodel/lineage/retention.py) every `keep_last // 2` commits, in a thread.
+
+        Never pruned: the head, its parents and the last heads this loop saw (a round in flight
+        reads its base, the head when it started, and its deltas were trained on that base);
+        the policy also keeps the newest `keep_last` >= 2. Only objects that pruned versions
+        alone need are deleted (`free_pruned`), so a version being synced is untouched. A peer
+        that asks us for a pruned version's objects is answered NOT_FOUND (we no longer hold
+        them) and asks another peer. Never returns (a loop that returns ends the node).
+        """
+        policy = RetentionPolicy(keep_last=self.config.keep_last, keep_every=self.config.keep_every)
+        recent: deque[str] = deque(maxlen=4)
+        done_at: int | None = None  # head round of the last pass
+        while True:
+            await asyncio.sleep(RETENTION_TICK)
+            head, round_ = self.runner.head, self.runner.head_round
+            if head not in recent:
+                recent.append(head)
+            if policy.off or round_ is None or (done_at is not None and round_ - done_at < max(1, policy.keep_last // 2)):
+                continue
+            done_at = round_
+            protect = [*recent, *self.store.index.parents_of(head)]
+            try:
+                report = await asyncio.to_thread(apply_retention, self.store, policy, protect=protect)
+            except LineageError as e:  # a damaged record: say so, keep running (verify finds it)
+                self.record_error(f"retention skipped: {e}")
+                continue
+            if report.pruned:
+                logger.info("pruned old versions", versions=len(report.pruned), freed_mib=round(report.freed.bytes_freed / 2**20, 1))
 
     def _time_left(self, default: float) -> float:
         """Seconds until the shutdown deadline (at least 0.5: a closer always gets a chance)."""
