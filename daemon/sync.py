@@ -213,7 +213,10 @@ async def sync_version(
     *,
     branch: str | None = "main",
 ) -> int:
-    """Make `target` (and its missing ancestors) local and point `branch` at it.
+    """Make `target` local and point `branch` at it; its missing ancestors are indexed as records
+    only (pruned versions: the commit chain, `log` and credits need no old tensors; any of them
+    can be made whole later by fetching its objects and `put_version`). A shallow sync: a joiner
+    fetches one model copy, not one per round it missed.
 
     Args:
         peers: libp2p ids of peers that may serve the objects, best first.
@@ -230,7 +233,8 @@ async def sync_version(
     seen: set[str] = set()
     while frontier:  # newest first; stop at versions we already have
         v = frontier.pop()
-        if v.id in seen or store.index.has_version(v.id):
+        held = store.index.has_version(v.id) and not (v.id == target.id and store.index.is_pruned(v.id))
+        if v.id in seen or held:
             continue
         seen.add(v.id)
         chain.append(v)
@@ -242,10 +246,12 @@ async def sync_version(
                 except LineageError as e:
                     raise SyncError(parent, f"bad version record ({e})") from None
     for v in reversed(chain):  # oldest first: parents are indexed before children
-        await _fetch_objects(transport, store, v, peers)
-        ann = target.annotations() if v.id == target.id and target.votes else None
+        whole = v.id == target.id
+        if whole:
+            await _fetch_objects(transport, store, v, peers)
+        ann = target.annotations() if whole and target.votes else None
         try:
-            await asyncio.to_thread(store.put_version, v, ann)
+            await asyncio.to_thread(store.put_version, v, ann, pruned=not whole)
         except LineageError as e:
             raise SyncError(v.id, str(e)) from None
     if target.votes and target.id not in seen:  # already held: add what the certificate proves
