@@ -260,3 +260,55 @@ def test_exporting_a_pruned_version_is_one_line_naming_it(capsys, repo, tmp_path
 def test_retention_flags_that_cannot_work_are_refused(capsys, repo, args):
     code, _, err = call(capsys, *args, repo=repo)
     assert code != 0 and err.strip()
+
+
+# --------------------------------------------------------------------------- the node: flags and shallow sync
+
+
+@pytest.mark.parametrize("kw", [{"keep_last": 1}, {"keep_every": -1}])
+def test_join_refuses_retention_flags_that_cannot_work(kw):
+    import dataclasses
+
+    from p2pmodel.daemon.config import ConfigError, NodeConfig, check_node_config
+
+    with pytest.raises(ConfigError):
+        check_node_config(dataclasses.replace(NodeConfig(device="cpu"), **kw))
+
+
+class _Peers:
+    """Stands in for the transport: peers that serve what their lineage holds, NOT_FOUND otherwise
+    (as `Node._serve_lineage_object` does), asked in order; counts what was fetched."""
+
+    def __init__(self, *stores: LineageStore):
+        self.stores, self.fetched = stores, []
+
+    async def fetch_from_any(self, peers, oid, *, max_size, kind="object", **_):
+        from p2pmodel.daemon.transport import ObjectNotFound
+
+        for s in self.stores:
+            if s.has_object(oid):
+                self.fetched.append(oid)
+                return s.read_object(oid)
+        raise ObjectNotFound("any", oid)
+
+
+def test_sync_fetches_the_heads_tensors_and_only_the_records_of_older_versions(store, tmp_path):
+    import asyncio
+
+    from p2pmodel.daemon.sync import CertifiedVersion, sync_version
+
+    chain = list(reversed(store.log()))
+    joiner = LineageStore.init(tmp_path / "joiner", durable=False)
+    for oid in chain[0].referenced_objects():  # the seed, fetched when the node started
+        joiner.write_object(oid, store.read_object(oid))
+    joiner.put_version(chain[0], branch="main")
+    _prune_old(store)  # the serving peer pruned its history; its head and the seed are whole
+    peers = _Peers(store)
+    head = CertifiedVersion(chain[-1], 7, (), (), ())
+    added = asyncio.run(sync_version(peers, joiner, head, ["p"]))
+    assert added == 7 and joiner.resolve("main") == chain[-1].id
+    held = set(chain[0].referenced_objects())  # the unchanged "shared" tensor
+    assert set(peers.fetched) == {v.id for v in chain[1:-1]} | (set(chain[-1].referenced_objects()) - held)
+    assert [i.pruned for i in joiner.log_info()] == [False] + [True] * 6 + [False]
+    assert joiner.verify().ok
+    joiner.close()
