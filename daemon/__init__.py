@@ -4,6 +4,8 @@ Map:
 
 - `transport.py` — hivemind DHT records (`publish`/`fetch`) and libp2p object streams
   (`rpc_get_object`/`call_fetch`, resumable, hash-verified); byte counters per message type.
+- `reachability.py` — who can dial this node: public (relays for others), private (behind NAT:
+  reserves a relay slot, announces the circuit address) or local; `--reachability auto` decides.
 - `node.py`      — `Node`: opens home, lineage, transport, trainer and status API; one supervisor
   over the node's loops; the fixed shutdown order.
 - `rounds.py`    — `RoundRunner`: drives `protocols.round.RoundMachine` with real I/O (records,

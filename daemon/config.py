@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from p2pmodel.daemon.reachability import MODES as REACHABILITY_MODES
 from p2pmodel.errors import UsageError
 from p2pmodel.peers import name_problem
 from p2pmodel.protocols.limits import MAX_MANIFEST
@@ -90,6 +91,10 @@ class NodeConfig:
     device: str = _f("auto", "training device: auto (cuda when present), cpu or cuda[:N]")
     host_maddrs: tuple[str, ...] = _f(("/ip4/127.0.0.1/tcp/0",), "multiaddrs p2pd listens on (loopback by default)")
     announce_maddrs: tuple[str, ...] = _f((), "multiaddrs to advertise to others (explicit ports)")
+    reachability: str = _f("auto", "who can dial this node: public (relays for peers behind NAT), private (behind NAT: "
+                           "reached through a relay), auto (public with a public address, private with only private "
+                           "ones, neither on loopback), local (neither)")
+    relays: tuple[str, ...] = _f((), "multiaddrs of public peers a private node reserves a relay slot at (default: --peers)")
     status_port: int = _f(DEFAULT_STATUS_PORT, "port of the local HTTP status API on 127.0.0.1 (0: any free port; "
                           "the default, when taken, is replaced by a free one)")
     log_level: str = _f("INFO", "log level: DEBUG, INFO, WARNING or ERROR")
@@ -369,6 +374,10 @@ def check_node_config(config: NodeConfig) -> NodeConfig:
         ("--shutdown-timeout", config.shutdown_timeout > 0 and math.isfinite(config.shutdown_timeout), "must be a positive number of seconds"),
         ("--event-id", not config.event_id or bool(_SHA256.fullmatch(config.event_id)),
          f"must be an event id (64 lowercase hex digits, as the join line prints it), not {config.event_id[:80]!r}"),
+        ("--reachability", config.reachability in REACHABILITY_MODES,
+         f"must be one of {', '.join(REACHABILITY_MODES)}, not {config.reachability!r}"),
+        ("--reachability", config.reachability != "private" or bool(config.relays or config.peers),
+         "private needs a public peer to relay through: pass --relays (or --peers)"),
     ]  # fmt: skip
     for flag, ok, reason in rules:
         if not ok:

@@ -228,6 +228,7 @@ class Node:
                 identity_path=str(home / "libp2p.key"),
                 record_check=signed_by,  # DHT records are envelopes signed by their subkey
                 limits=_transport_limits(config),
+                relay_plan=_relay_plan(config),
             )
             self._closers.append(("transport", lambda: self.transport.shutdown(self._time_left(5.0))))
             self.transport.add_source(self._serve_lineage_object, kind="lineage")
@@ -470,6 +471,7 @@ class Node:
             "records_rejected": self.transport.validator.rejected,
             "faults_injected": getattr(self.transport, "faults_injected", 0),
             "dht_peers": self.transport.routing_table_size(),
+            "reachability": self.transport.reachability(),
             "loop_lag": self.lag.snapshot(),
             "errors": list(self.errors),
             "stopping": self.stopping,
@@ -490,6 +492,18 @@ async def _open_status(state: Any, port: int, lineage: LineageStore | None = Non
     server = await StatusServer.create(state, 0, lineage=lineage)
     logger.warning("default status port taken; using another", wanted=port, port=server.port)
     return server
+
+
+def _relay_plan(config: NodeConfig):
+    """Public (relay for others), private (reserve a relay slot) or local: daemon/reachability.py."""
+    from p2pmodel.daemon.reachability import own_addresses, plan_relays
+
+    try:
+        plan = plan_relays(config.reachability, own_addresses(config.host_maddrs, config.announce_maddrs), config.relays or config.peers)
+    except ValueError as e:
+        raise ConfigError("--reachability", str(e)) from None
+    logger.info("reachability", mode=plan.mode, why=plan.why, relays=len(plan.relays))
+    return plan
 
 
 def _transport_limits(config: NodeConfig):

@@ -300,6 +300,14 @@ def format_status(s: dict[str, Any]) -> str:
             f"loss {tr.get('loss') if tr.get('loss') is not None else '-'}  "
             f"{tr.get('samples_per_s', 0):.1f} samples/s"
         )
+    reach = s.get("reachability") or {}
+    if reach:
+        conns = reach.get("connections") or {}
+        relays = ", ".join(str(r)[:12] + "…" for r in reach.get("relayed_by") or []) or "none"
+        lines.append(
+            f"reach    {reach.get('mode', '?')} ({reach.get('decided_by', '?')}); relayed by {relays}; "
+            f"connections {conns.get('direct', 0)} direct, {conns.get('relayed', 0)} relayed"
+        )
     peers = s.get("peers") or []
     known = (s.get("swarm") or {}).get("known")
     lines.append(f"peers    {len(peers)} in the current round" + (f", {known} known (status --swarm)" if known is not None else ""))

@@ -45,7 +45,9 @@ from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from p2pmodel.daemon.logs import get_logger
+from p2pmodel.daemon.reachability import RelayPlan, relays_in
 from p2pmodel.errors import P2PModelError
+from p2pmodel.peers import reachability
 from p2pmodel.protocols.stream import (
     OBJECT_PROTOCOL,
     REQUEST_SIZE,
@@ -198,6 +200,8 @@ class TransportLimits:
     retry_backoff: float = 0.2  # first pause between fetch attempts (seconds), doubled each time
     max_retry_backoff: float = 3.0  # longest pause between fetch attempts (seconds)
     max_stalled_attempts: int = 3  # attempts in a row without a byte before the peer counts as gone
+    relay_wait: float = 30.0  # seconds a private node waits for a relay slot before announcing itself
+    reachability_refresh: float = 10.0  # seconds between reads of our addresses and connections (status)
 
 
 class ByteCounters:
@@ -321,6 +325,10 @@ class Transport:
         self.serve_only: Callable[[str], bool] | None = None
         self.refused_streams = 0
         self._batch: list[_PendingStore] = []  # stores published together, sent as one request per node
+        self.relay_plan = RelayPlan("local", "not set")  # the role p2pd was started in (daemon/reachability.py)
+        self._visible: list[str] = []  # our multiaddrs as p2pd last reported them
+        self._connections = {"direct": 0, "relayed": 0}  # open libp2p connections, as last counted
+        self._watch: asyncio.Task | None = None
         self._closed = False
 
     @classmethod
@@ -333,6 +341,7 @@ class Transport:
         identity_path: str | None = None,
         record_check: RecordCheck | None = None,
         limits: TransportLimits = TransportLimits(),
+        relay_plan: RelayPlan = RelayPlan("local", "default"),
     ) -> "Transport":
         """Start a DHT node (and its p2pd), join `initial_peers`, and serve objects.
 
@@ -345,20 +354,29 @@ class Transport:
                 (created if missing).
             record_check: extra check every DHT record must pass (see `RecordValidator`).
             limits: size and time bounds.
+            relay_plan: public (relay for others), private (reserve a relay slot, and return only
+                once it is held or `limits.relay_wait` passed) or local (hivemind's defaults).
 
         Raises:
             TransportError: p2pd did not start or no initial peer answered.
         """
         validator = RecordValidator(limits.max_record_bytes, record_check)
-        kwargs = {}
+        kwargs = relay_plan.p2p_options()
         if announce_maddrs:
             kwargs["announce_maddrs"] = list(announce_maddrs)
         if identity_path is not None:
             kwargs["identity_path"] = identity_path
+        p2p: P2P | None = None  # started here (not by DHTNode) when p2pd needs flags hivemind cannot pass
         try:
+            if relay_plan.p2pd_flags():
+                p2p = await _p2p_class(relay_plan.p2pd_flags()).create(
+                    initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs),
+                    check_if_identity_free=False, **kwargs)  # fmt: skip
+                kwargs = {"p2p": p2p}  # DHTNode then takes no P2P options
+            else:
+                kwargs.update(host_maddrs=list(host_maddrs), check_if_identity_free=False)
             node = await DHTNode.create(
                 initial_peers=list(initial_peers) or None,
-                host_maddrs=list(host_maddrs),
                 record_validator=validator,
                 wait_timeout=limits.dht_wait_timeout,
                 # No DHT caching: every read we make asks for the latest records anyway, and
@@ -370,23 +388,82 @@ class Transport:
                 cache_nearest=0,
                 cache_on_store=False,
                 cache_refresh_before_expiry=0,
-                # a restarted node reuses its identity; the check would cost a throwaway p2pd
-                check_if_identity_free=False,
+                # (check_if_identity_free=False above: a restarted node reuses its identity, and
+                # the check would cost a throwaway p2pd)
                 **kwargs,
             )
         except (P2PDaemonError, OSError, asyncio.TimeoutError) as e:
+            await _shutdown_p2p(p2p)
             raise TransportError(f"could not start the DHT node: {e}") from e
         except ValueError as e:  # hivemind raises bare ValueError/TimeoutError when bootstrap fails
+            await _shutdown_p2p(p2p)
             raise TransportError(f"could not join the swarm through {list(initial_peers)}: {e}") from e
         self = cls(_node=node, _validator=validator, _limits=limits)
+        self.relay_plan = relay_plan
         await self._p2p.add_binary_stream_handler(OBJECT_PROTOCOL, self.rpc_get_object)
+        if relay_plan.waits_for_relay:
+            await self._wait_for_relay_slot()
+        await self._refresh_reachability()
+        self._watch = asyncio.create_task(self._watch_reachability(), name="transport reachability")
         return self
+
+    async def _wait_for_relay_slot(self) -> None:
+        """Return once p2pd announces a relay circuit address, or after `limits.relay_wait`.
+
+        The node announces its addresses once, when it starts; a private node's only address
+        others can dial is the circuit one, which exists once p2pd reserved a slot at a relay
+        (measured in the namespace lab: 1-15 s after start).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.relay_wait
+        while True:
+            addrs = [str(a) for a in await self._p2p.get_visible_maddrs(latest=True)]
+            if relays_in(addrs):
+                logger.info("relay slot held", relays=[r[:16] for r in relays_in(addrs)])
+                return
+            if loop.time() >= deadline:
+                logger.warning(
+                    "no relay slot yet: peers outside this network cannot reach us until one is held",
+                    waited_s=self.limits.relay_wait, relays=list(self.relay_plan.relays)[:4],
+                )  # fmt: skip
+                return
+            await asyncio.sleep(0.5)
 
     # ---------------------------------------------------------------------------------- identity
 
     async def visible_maddrs(self) -> list[str]:
-        """Multiaddrs (with `/p2p/<peer id>`) other peers can use as `--peers` to reach us."""
-        return [str(a) for a in await self._p2p.get_visible_maddrs()]
+        """Multiaddrs (with `/p2p/<peer id>`) other peers can use as `--peers` to reach us;
+        a private node's relay circuit addresses among them."""
+        self._visible = [str(a) for a in await self._p2p.get_visible_maddrs(latest=True)]
+        return list(self._visible)
+
+    def reachability(self) -> dict:
+        """Who can reach us, for the status: the role p2pd runs in (`mode`: public, private,
+        local) and why, what our addresses say (`addresses`, as `p2pmodel.peers.reachability`
+        reads a peer's announcement), the relays holding a slot for us, and our open libp2p
+        connections, direct or through a relay. Refreshed every `limits.reachability_refresh`."""
+        return {
+            "mode": self.relay_plan.mode,
+            "decided_by": self.relay_plan.why,
+            "addresses": reachability(self._visible) if self._visible else "unknown",
+            "relayed_by": relays_in(self._visible),
+            "connections": dict(self._connections),
+        }
+
+    async def _refresh_reachability(self) -> None:
+        try:
+            await self.visible_maddrs()
+            peers = await self._p2p.list_peers()
+        except (P2PDaemonError, ConnectionError, OSError, EOFError, ValueError) as e:  # ValueError: no addresses
+            logger.debug("could not read our addresses from p2pd", error=repr(e))
+            return
+        relayed = sum(any("/p2p-circuit" in str(a) for a in p.addrs) for p in peers)
+        self._connections = {"direct": len(peers) - relayed, "relayed": relayed}
+
+    async def _watch_reachability(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.limits.reachability_refresh)
+            await self._refresh_reachability()
 
     async def connect(self, peer: PeerID | str, maddrs: Iterable[str]) -> None:
         """Tell p2pd how to reach `peer` (for peers we learned about from records, not the DHT).
@@ -867,6 +944,8 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()
         for idle in self._idle_streams.values():
             for _, writer, _ in idle:
                 writer.close()
@@ -934,11 +1013,12 @@ def dialable_maddrs(peer: str, maddrs: Iterable[str]) -> list:
     """The addresses of `peer` (base58 libp2p id) in the form p2pd's CONNECT accepts.
 
     Announced addresses end in `/p2p/<peer>` (what `visible_maddrs` returns and `--peers` takes).
-    p2pd wants them without it: the peer id travels in its own field, and hivemind's multiaddr
-    codec encodes the `/p2p/` part in a form go-multiaddr cannot parse ("length greater than
-    remaining number of bytes in buffer" fails the whole request). So the suffix is stripped;
-    an address naming another peer, one that still holds a `/p2p/` part (a relay circuit), or
-    one that does not parse is left out.
+    p2pd wants them without it: the peer id travels in its own field. A relay circuit address
+    (`.../p2p/<relay>/p2p-circuit/p2p/<peer>`) keeps its relay's `/p2p/` part; hivemind's
+    multiaddr codec encodes that part in a form go-multiaddr cannot parse ("length greater than
+    remaining number of bytes in buffer" fails the whole request), so these addresses are
+    encoded here (`_WireMaddr`). An address naming another peer, a circuit through the peer
+    itself, or one that does not parse is left out.
     """
     from hivemind.utils.multiaddr import Multiaddr
 
@@ -946,17 +1026,68 @@ def dialable_maddrs(peer: str, maddrs: Iterable[str]) -> list:
     for text in maddrs:
         text = str(text).strip()
         base, sep, tail = text.rpartition("/p2p/")
-        if sep:
+        if sep and "/" not in tail.rstrip("/"):  # the `/p2p/<id>` suffix (a relay's has more after it)
             if tail.strip("/") != peer:
                 continue
             text = base
-        if "/p2p/" in text or "/p2p-circuit" in text or not text:
+        if not text or text.endswith(f"/p2p/{peer}/p2p-circuit"):
+            continue
+        circuit = text.endswith("/p2p-circuit") and text.count("/p2p/") == 1
+        if ("/p2p/" in text or "/p2p-circuit" in text) and not circuit:
             continue
         try:
-            out.append(Multiaddr(text))
+            out.append(_WireMaddr(text) if circuit else Multiaddr(text))
         except Exception:  # hivemind's parser raises assorted errors for garbage; skip the address
             continue
     return out
+
+
+class _WireMaddr:
+    """A multiaddr holding a `/p2p/<id>` part, encoded as go-multiaddr does: the part is the
+    protocol code 421, a length, and the id's multihash (hivemind writes a CIDv1 there)."""
+
+    def __init__(self, text: str):
+        from hivemind.utils.multiaddr import Multiaddr
+
+        data = b""
+        for proto, value in Multiaddr(text).items():  # parses (or raises) the whole text
+            if proto.name == "p2p":
+                raw = PeerID.from_base58(value).to_bytes()
+                data += _uvarint(proto.code) + _uvarint(len(raw)) + raw
+            else:
+                data += Multiaddr(f"/{proto.name}" + (f"/{value}" if value is not None else "")).to_bytes()
+        self.text, self.data = text, data
+
+    def to_bytes(self) -> bytes:  # what hivemind's p2pd client calls
+        return self.data
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _p2p_class(flags: dict) -> type[P2P]:
+    """hivemind's P2P starting p2pd with `flags` added (flags its `create` has no parameter for)."""
+
+    class _P2P(P2P):
+        @staticmethod
+        def _make_process_args(*args, **kwargs) -> list[str]:
+            return P2P._make_process_args(*args, **{**kwargs, **flags})
+
+    return _P2P
+
+
+async def _shutdown_p2p(p2p: P2P | None) -> None:
+    if p2p is not None:
+        await p2p.shutdown()
 
 
 def _peer(peer: PeerID | str) -> PeerID:

@@ -257,11 +257,14 @@ async def test_dialable_maddrs_strips_the_peer_suffix_and_drops_what_p2pd_cannot
             f"/ip4/127.0.0.1/tcp/4001/p2p/{me}",
             "/ip4/10.0.0.1/tcp/4002",
             f"/ip4/127.0.0.1/tcp/4003/p2p/{other}",  # someone else's address
-            f"/ip4/1.2.3.4/tcp/4004/p2p/{other}/p2p-circuit/p2p/{me}",  # relayed
+            f"/ip4/1.2.3.4/tcp/4004/p2p/{other}/p2p-circuit/p2p/{me}",  # relayed: kept, the relay's id in it
+            f"/ip4/1.2.3.4/tcp/4005/p2p/{me}/p2p-circuit/p2p/{me}",  # through itself
             "garbage",
         ],
     )
-    assert [str(m) for m in got] == ["/ip4/127.0.0.1/tcp/4001", "/ip4/10.0.0.1/tcp/4002"]
+    assert [str(m) for m in got] == [
+        "/ip4/127.0.0.1/tcp/4001", "/ip4/10.0.0.1/tcp/4002", f"/ip4/1.2.3.4/tcp/4004/p2p/{other}/p2p-circuit",
+    ]  # fmt: skip
 
 
 async def test_added_stream_handlers_are_reachable_and_removable(server, client):
