@@ -50,7 +50,7 @@ from p2pmodel.daemon.disk import DiskWatch
 from p2pmodel.daemon.gossip import Gossip
 from p2pmodel.daemon.logs import StatusLine, get_logger
 from p2pmodel.daemon.sync import CertifiedVersion, SyncError, commit_signers, sync_version, verify_by_chain, verify_commit
-from p2pmodel.daemon.transport import FetchError, TransportError, expiration_in
+from p2pmodel.daemon.transport import FetchError, ObjectNotFound, TransportError, expiration_in
 from p2pmodel.errors import P2PModelError
 from p2pmodel.ci import CIGate, median_metrics, run_gate
 from p2pmodel.lineage import Annotations, LineageError, LineageStore, Version
@@ -99,6 +99,7 @@ POLL_HEAD_EVERY = 60.0  # seconds between reads of the head key and the next rou
 POLL_BEFORE_DEADLINE = 2.0  # the round's keys are read this long before each machine deadline
 POLL_TICK = 0.5  # seconds between checks of the above
 DISK_CHECK_EVERY = 5.0  # seconds between free-space checks (daemon/disk.py)
+DELTA_REFETCH_PAUSE = 1.0  # seconds before asking again for a delta no source had yet (they are fetching it)
 DISK_MIN_FREE = 64 * 1024 * 1024  # bytes kept free besides three model copies (a version, deltas, a sync)
 HEAD_TTL = 24 * 3600.0  # seconds a published Commit stays in the DHT
 ROSTER_TTL = 30 * 60.0  # seconds our entry in the event's roster stays in the DHT ...
@@ -787,18 +788,12 @@ class RoundRunner:
         ok = a.delta_hash in self._delta_bytes
         if not ok:
             ann = self._announced.get(a.delta_hash)
-            peers = self._libp2p_for([a.peer_id])
             t0 = time.monotonic()
             try:
-                data = await self.transport.fetch_from_any(
-                    peers[:4],
-                    a.delta_hash,
-                    max_size=self.event.max_delta_bytes,
-                    expected_size=ann.encoded_size if ann is not None else None,
-                    timeout=self.event.round_deadline / 2,
-                    kind="delta_chunk",
-                )
+                data = await self._fetch_delta_bytes(a, ann.encoded_size if ann is not None else None)
                 self._delta_bytes[a.delta_hash] = (self.machine.round or 0, data)
+                # served on (hash-checked, so from anyone): a peer that cannot dial the announcer gets it from us
+                self.transport.put_blob(data, kind="delta_chunk")
                 ok = True
             except FetchError as e:
                 self.record_error(f"delta {a.delta_hash[:12]} from {a.peer_id[:12]}: {e.reason}")
@@ -815,6 +810,40 @@ class RoundRunner:
             self.exclusions.append({"round": self.machine.round, "peer": a.peer_id, "reason": reason})
             del self.exclusions[:-50]
         self._post(rm.DeltaFetched(time.time(), a.delta_hash, not reason, norm=norm, reason=reason))
+
+    async def _fetch_delta_bytes(self, a: rm.FetchDelta, expected_size: int | None) -> bytes:
+        """A delta's verified bytes from whoever serves them (`_delta_sources`), within half the
+        round deadline. When no source has it yet (we cannot dial the announcer, and those who can
+        are still fetching it), ask again after `DELTA_REFETCH_PAUSE`.
+
+        Raises:
+            FetchError: the last source's error once the time is up (or at once when it is not
+            "not found": a bad hash, an oversized object).
+        """
+        deadline = time.monotonic() + self.event.round_deadline / 2
+        while True:
+            try:
+                return await self.transport.fetch_from_any(
+                    self._delta_sources(a.peer_id),
+                    a.delta_hash,
+                    max_size=self.event.max_delta_bytes,
+                    expected_size=expected_size,
+                    timeout=max(1.0, deadline - time.monotonic()),
+                    kind="delta_chunk",
+                )
+            except ObjectNotFound:
+                if time.monotonic() + DELTA_REFETCH_PAUSE >= deadline:
+                    raise
+            await asyncio.sleep(DELTA_REFETCH_PAUSE)
+
+    def _delta_sources(self, announcer: str) -> list[str]:
+        """libp2p ids to ask for a delta: its announcer, then this round's members (each fetches
+        every delta and serves what it fetched), then anyone else we know; at most 6."""
+        me, members = self.identity.peer_id, self.machine.members if self.machine else frozenset()
+        recent = [k for _, k in sorted(((p.last_round, k) for k, p in self._peers.items() if k not in (me, announcer)), reverse=True)]
+        recent.sort(key=lambda k: k not in members)  # stable: most recently seen first within each group
+        order = ([announcer] if announcer in self._peers and announcer != me else []) + recent
+        return [self._peers[k].libp2p_id for k in order][:6]
 
     def _screen(self, delta_hash: str, base: str) -> tuple[float | None, str]:
         """Decode a fetched delta and check it (in the merge thread): (L2 norm, "" or why it is unusable).
