@@ -17,7 +17,8 @@ returns; feed their results back as events. Every decision is the machine's.
 | Merge           | decode, merge per tensor, outer step, store tensors, eval + CI gate off the   |
 |                 | loop -> MergeDone / MergeFailed                                               |
 | CommitVersion   | index the version with its certificate, move `main`                           |
-| PublishCommit   | publish Commit(version record, signed votes) under the head key               |
+| PublishCommit   | serve the certificate (signed votes) by hash; publish Commit(version id,       |
+|                 | certificate hash, signer count) under the head key                            |
 | SyncVersion     | fetch the version and missing ancestors (sync.py) -> VersionSynced/SyncFailed |
 | EnterRound, RoundFailed | log, status, bookkeeping                                              |
 
@@ -49,13 +50,23 @@ import torch
 from p2pmodel.daemon.disk import DiskWatch
 from p2pmodel.daemon.gossip import Gossip
 from p2pmodel.daemon.logs import StatusLine, get_logger
-from p2pmodel.daemon.sync import CertifiedVersion, SyncError, commit_signers, sync_version, verify_by_chain, verify_commit
+from p2pmodel.daemon.sync import (
+    CertifiedVersion,
+    ServedCertificates,
+    SyncError,
+    commit_signers,
+    fetch_commit_certificate,
+    sync_version,
+    verify_by_chain,
+    verify_commit,
+)
 from p2pmodel.daemon.transport import FetchError, ObjectNotFound, TransportError, expiration_in
 from p2pmodel.errors import P2PModelError
 from p2pmodel.ci import CIGate, median_metrics, run_gate
 from p2pmodel.lineage import Annotations, LineageError, LineageStore, Version
 from p2pmodel.peers import SwarmView
 from p2pmodel.protocols import round as rm
+from p2pmodel.protocols.certificate import CertifiedCommit, make_commit, may_commit, weak_quorum
 from p2pmodel.protocols.codec import CodecConfig, DeltaCodec
 from p2pmodel.protocols.errors import LocalProtocolError, RemoteProtocolError
 from p2pmodel.protocols.messages import (
@@ -240,6 +251,7 @@ class RoundRunner:
         self._last_encoded: str | None = None
         self._kept: tuple[dict[str, torch.Tensor], int] | None = None  # carried delta, its samples
         self._vote_envelopes: dict[tuple[int, str], bytes] = {}  # (round, voter) -> signed vote
+        self._certificates = ServedCertificates(transport)  # of the Commits we published or fetched
         self._candidates: dict[str, _Candidate] = {}
         self._eval_cache: dict[str, dict[str, float]] = {}
         self._bytes_mark = (0, 0)
@@ -279,14 +291,19 @@ class RoundRunner:
     async def _newest_commit(self, head: str, electorate: frozenset[str]) -> CertifiedVersion | None:
         """The newest commit in the DHT whose record a signer serves and that the commit rule accepts
         from where we stand (`head`, whose `electorate` we trust): see `sync.verify_commit`."""
-        commits = []
+        commits: list[tuple[Commit, str]] = []
         for value in (await self._fetch_key(f"{self.prefix}/head")).values():
             try:
-                commits.append(open_signed(value, Commit)[0])
+                commits.append(open_signed(value, Commit))  # type: ignore[arg-type]
             except RemoteProtocolError as e:
                 logger.debug("ignoring head record", error=str(e))
-        for msg in sorted(commits, key=lambda c: c.round, reverse=True):
-            await self._learn_peers([msg.round, msg.round + 1])
+        for record_msg, publisher in sorted(commits, key=lambda c: c[0].round, reverse=True):
+            await self._learn_peers([record_msg.round, record_msg.round + 1])
+            try:
+                msg = await fetch_commit_certificate(self.transport, record_msg, self._certificate_sources(publisher))
+            except SyncError as e:
+                logger.info("ignoring head record", round=record_msg.round, error=str(e))
+                continue
             peers = self._libp2p_for(commit_signers(msg))[:8]
             try:
                 record = await self.transport.fetch_from_any(peers, msg.version_id, max_size=MAX_RECORD, kind="version", timeout=60)
@@ -294,18 +311,25 @@ class RoundRunner:
                 logger.debug("ignoring head record", round=msg.round, version=msg.version_id[:12], error=str(e))
                 continue
             try:
-                return verify_commit(msg, record, electorate=electorate, head=head)
+                certified = verify_commit(msg, record, electorate=electorate, head=head)
             except SyncError:
-                pass  # not vouched for by peers we know: check every link from our head instead
-            try:
-                return await verify_by_chain(
-                    self.transport, msg, record, head=head, electorate=electorate,
-                    peers=self._libp2p_for(commit_signers(msg)),
-                )  # fmt: skip
-            except SyncError as e:
-                self.commits_refused += 1
-                logger.warning("refusing a head commit", round=msg.round, version=msg.version_id[:12], error=str(e))
+                # not vouched for by peers we know: check every link from our head instead
+                try:
+                    certified = await verify_by_chain(
+                        self.transport, msg, record, head=head, electorate=electorate,
+                        peers=self._libp2p_for(commit_signers(msg)),
+                    )  # fmt: skip
+                except SyncError as e:
+                    self.commits_refused += 1
+                    logger.warning("refusing a head commit", round=msg.round, version=msg.version_id[:12], error=str(e))
+                    continue
+            self._certificates.serve(msg)  # other joiners may ask us
+            return certified
         return None
+
+    def _certificate_sources(self, publisher: str) -> list[str]:
+        """libp2p ids to fetch a Commit's certificate from: its publisher, then peers we push to."""
+        return [*self._libp2p_for([publisher]), *self._push_targets()][:8]
 
     async def _learn_peers(self, rounds: list[int]) -> None:
         """Meet the event's peers: the roster, and who announced itself for `rounds` by DHT."""
@@ -641,7 +665,11 @@ class RoundRunner:
         elif isinstance(msg, Vote):
             self._vote_envelopes[(msg.round, msg.voter)] = value
         elif isinstance(msg, Commit):
-            self._note_commit(msg)
+            # Only a Commit that may move our head is worth its certificate (up to ~2 MB): live
+            # peers commit from the votes they were pushed and never fetch one.
+            if self._commit_news(msg):
+                self._spawn(self._fetch_commit(msg, signer), f"certificate r{msg.round}")
+            return True
         if not isinstance(msg, PeerAnnouncement):  # _note_peer observed those
             self._observe(msg)
         self._post(rm.MessageReceived(time.time(), msg, signer))
@@ -1025,7 +1053,28 @@ class RoundRunner:
             **{k: v for k, v in entry.items() if k.endswith("_s") or k.startswith(("bytes", "samples"))},
         )
 
-    def _note_commit(self, msg: Commit) -> None:
+    def _commit_news(self, msg: Commit) -> bool:
+        """Whether a Commit read from the DHT is ahead of our head and claims enough signers to
+        commit or vouch under our electorate (see `protocols.certificate.may_commit`)."""
+        m = self.machine
+        if m is None or (m.head_round is not None and msg.round <= m.head_round):
+            return False
+        return may_commit(msg.signers, m.electorate, self.round_config.quorum)
+
+    async def _fetch_commit(self, msg: Commit, publisher: str) -> None:
+        """Fetch the certificate a newer Commit names, then hand the commit to the machine."""
+        m = self.machine
+        need = weak_quorum(len(m.electorate), self.round_config.quorum) if m is not None else 1
+        try:
+            certified = await fetch_commit_certificate(self.transport, msg, self._certificate_sources(publisher), min_votes=need)
+        except SyncError as e:  # each peer that served bad bytes was logged, and skipped, by the fetch
+            logger.info("cannot use a head commit", round=msg.round, version=msg.version_id[:12], error=str(e))
+            return
+        self._note_commit(certified)
+        self._certificates.serve(certified)  # laggards after us may ask us
+        self._post(rm.MessageReceived(time.time(), certified, publisher))
+
+    def _note_commit(self, msg: CertifiedCommit) -> None:
         """Keep a received Commit's signed votes: we may be asked to republish it."""
         for envelope in msg.certificate:
             try:
@@ -1036,8 +1085,11 @@ class RoundRunner:
                 self._vote_envelopes.setdefault((vote.round, vote.voter), envelope)
 
     async def _publish_commit(self, a: rm.PublishCommit) -> None:
-        certificate = self._certificate(a.round, a.votes)
-        await self._publish(Commit(round=a.round, version_id=a.version_id, certificate=certificate))
+        """Serve the certificate by hash, then publish the Commit that names it (a few hundred
+        bytes at any number of signers: protocols/certificate.py)."""
+        certified = make_commit(a.round, a.version_id, self._certificate(a.round, a.votes))
+        self._certificates.serve(certified)
+        await self._publish(certified.commit)
 
     async def _sync(self, a: rm.SyncVersion) -> None:
         t0 = time.monotonic()

@@ -2,9 +2,13 @@
 names (and every ancestor this node lacks) from peers into the local lineage, verifying every
 hash on the way.
 
-The checks, in order, for a `Commit` read from the DHT and the record it names (fetched by id
-from a signer, since a record grows with the model and the DHT is for small values):
+The checks, in order, for a `Commit` read from the DHT, the certificate it names (fetched by
+hash from its publisher or any peer holding it, else a certificate of the version by version
+id: `fetch_commit_certificate`) and the record it names (fetched by id from a signer, since a
+record grows with the model and the DHT is for small values):
 
+0. the certificate is exactly the blob the commit names (`protocols.certificate.certify`), or
+   the votes of another that name the commit (`votes_naming`);
 1. the version record decodes (`Version.from_bytes` re-derives its id) and is the commit's;
 2. its merge spec names the round's `members` and the `proposal` hash;
 3. the certificate satisfies the commit rule of `protocols/certificate.py` (the same function
@@ -19,26 +23,43 @@ indexed oldest first, so the store never holds a version whose parents or tensor
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from p2pmodel.daemon.certificates import CertificateFetchError, fetch_certificate
 from p2pmodel.daemon.logs import get_logger
 from p2pmodel.daemon.transport import FetchError, Transport
 from p2pmodel.errors import P2PModelError
 from p2pmodel.lineage import Annotations, LineageError, LineageStore, Version
 from p2pmodel.ci import median_metrics
-from p2pmodel.protocols.certificate import CertificateError, Link, check_link, open_certificate, quorum, verify_chain, vouches
+from p2pmodel.protocols.certificate import (
+    CertificateError,
+    CertifiedCommit,
+    Link,
+    MalformedCertificate,
+    certificate_limit,
+    certify,
+    check_link,
+    make_commit,
+    open_certificate,
+    quorum,
+    verify_chain,
+    votes_naming,
+    vouches,
+)
 from p2pmodel.protocols.messages import MAX_RECORD, Commit, Vote
 
 __all__ = [
     "SyncError", "CertifiedVersion", "quorum", "commit_signers", "link_of", "verify_commit", "verify_by_chain", "sync_version",
-    "fetch_seed",
+    "fetch_seed", "fetch_commit_certificate", "ServedCertificates",
 ]  # fmt: skip
 
 logger = get_logger(__name__)
 
 MAX_TENSOR_OBJECT = 1 << 34  # bytes: the largest tensor object we accept from a peer (16 GiB)
 _FETCH_CONCURRENCY = 4  # object streams open at once while syncing
+CERTIFICATE_TIMEOUT = 30.0  # seconds one peer may take to serve a commit's certificate (<= 2.2 MB)
 
 
 class SyncError(P2PModelError):
@@ -72,7 +93,7 @@ class CertifiedVersion:
         return Annotations(metrics=self.metrics(), certificate=cert)
 
 
-def commit_signers(commit: Commit) -> list[str]:
+def commit_signers(commit: CertifiedCommit) -> list[str]:
     """Peer ids whose votes in `commit`'s certificate verify: where to fetch its record from."""
     return sorted(open_certificate(commit.certificate)[0])
 
@@ -91,7 +112,7 @@ def link_of(version: Version) -> Link:
     return Link(version.round, version.id, version.parents[0], proposal, frozenset(members))
 
 
-def verify_commit(commit: Commit, record: bytes, *, electorate: frozenset[str], head: str) -> CertifiedVersion:
+def verify_commit(commit: CertifiedCommit, record: bytes, *, electorate: frozenset[str], head: str) -> CertifiedVersion:
     """Check the version `record` a commit names, and the commit's certificate, by the commit rule.
 
     `head` and `electorate` are what this node already trusts: its head version and the
@@ -131,7 +152,7 @@ MAX_CHAIN = 100_000  # versions a joiner walks back to its own head before givin
 
 async def verify_by_chain(
     transport: Transport,
-    commit: Commit,
+    commit: CertifiedCommit,
     record: bytes,
     *,
     head: str,
@@ -150,8 +171,6 @@ async def verify_by_chain(
     Raises:
         SyncError: a record or certificate is missing, or a link does not check.
     """
-    from p2pmodel.daemon.certificates import CertificateFetchError, fetch_certificate
-
     try:
         target = Version.from_bytes(record)
     except LineageError as e:
@@ -196,6 +215,74 @@ async def verify_by_chain(
     votes, _ = open_certificate(commit.certificate)
     good = check_link(links[-1], votes, links[-2].members if len(links) > 1 else electorate)
     return CertifiedVersion(target, commit.round, tuple(sorted(links[-1].members)), good, tuple(commit.certificate))
+
+
+async def fetch_commit_certificate(
+    transport: Transport, commit: Commit, peers: Sequence[str], *, min_votes: int = 1
+) -> CertifiedCommit:
+    """The certificate `commit` names, by hash from the first of `peers` that serves it; failing
+    that, a certificate of the same version by version id (`/p2pmodel/certificate/1`: every peer
+    holding the version serves one) with at least `min_votes` votes naming the commit.
+
+    By hash, a peer serving more than `commit.signers` votes' worth of bytes, or bytes of another
+    hash, is refused by the transport (that peer's fault) and the next is asked; bytes of the
+    right hash that are no certificate are the publisher's fault (every holder serves the same
+    bytes), so the version's other certificates are asked for at once. Only the publisher and
+    the peers that fetched its blob serve it, so the fallback is what keeps a commit usable after
+    its publisher left. Either way the caller checks every vote by the commit rule.
+
+    Raises:
+        SyncError: no peer served a usable certificate.
+    """
+    peers = list(dict.fromkeys(peers))
+    last = "no peer to ask"
+    for peer in peers:
+        try:
+            data = await transport.call_fetch(
+                peer, commit.certificate_id, max_size=certificate_limit(commit.signers),
+                timeout=CERTIFICATE_TIMEOUT, kind="certificate",
+            )  # fmt: skip
+        except FetchError as e:
+            logger.debug("certificate fetch failed, trying next peer", version=commit.version_id[:12], error=str(e))
+            last = str(e)
+            continue
+        try:
+            return certify(commit, data)
+        except MalformedCertificate as e:
+            logger.warning("a commit names a malformed certificate", version=commit.version_id[:12], error=e.reason)
+            last = e.reason
+            break
+    found: list[tuple[bytes, ...]] = []
+
+    def enough(envelopes: list[bytes]) -> bool:
+        found.append(votes_naming(commit, envelopes))
+        return len(found[-1]) >= max(min_votes, 1)
+
+    try:
+        await fetch_certificate(transport, peers, commit.version_id, enough)
+    except CertificateFetchError as e:
+        raise SyncError(commit.version_id, f"no peer served a certificate (by hash: {last}; by version: {e.reason})") from None
+    return make_commit(commit.round, commit.version_id, found[-1])
+
+
+class ServedCertificates:
+    """The commit certificates this node serves by hash: the newest `keep` it published or fetched.
+
+    A reader asks a Commit's publisher first, then any peer, and each fetched copy is served on.
+    A peer's newer Commit replaces its older one in the DHT, so older certificates are dropped.
+    """
+
+    def __init__(self, transport: Transport, keep: int = 8):
+        self._transport, self._keep = transport, keep
+        self._held: deque[str] = deque()  # certificate ids, oldest first
+
+    def serve(self, commit: CertifiedCommit) -> None:
+        oid = self._transport.put_blob(commit.blob(), kind="certificate")
+        if oid in self._held:
+            self._held.remove(oid)
+        self._held.append(oid)
+        while len(self._held) > self._keep:
+            self._transport.drop_blob(self._held.popleft())
 
 
 async def _fetch(transport: Transport, peers: Sequence[str], oid: str, max_size: int, kind: str) -> bytes:

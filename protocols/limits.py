@@ -34,7 +34,7 @@ LIMITS: dict[str, int] = {
     "delta_chunk": MAX_CHUNK + 1 * KiB,
     "proposal": 256 * KiB,
     "vote": 2 * KiB,
-    "commit": 3 * MiB,  # id + certificate: up to MAX_MEMBERS signed votes (the record travels by stream)
+    "commit": 512,  # ids, round and signer count: the record and the certificate travel by stream
     "version_request": 512,
     "version_response": 8 * MiB,
     "object_request": 512,
@@ -44,6 +44,9 @@ LIMITS: dict[str, int] = {
 MAX_MESSAGE = max(LIMITS.values())
 SIGNED_OVERHEAD = 128  # bytes a signed envelope adds around its payload (key, signature, framing)
 MAX_SIGNED_VOTE = LIMITS["vote"] + SIGNED_OVERHEAD  # one entry of a quorum certificate
+# A certificate blob (msgpack array of bin, fetched by the hash a Commit names): an array header
+# of at most 5 bytes, then per vote a bin header of 3 bytes and the envelope.
+MAX_CERTIFICATE = 5 + MAX_MEMBERS * (3 + MAX_SIGNED_VOTE)
 
 # Parser bounds handed to msgpack, so that no declared length can make it allocate more.
 UNPACK_LIMITS = dict(

@@ -134,6 +134,7 @@ MethodName = Annotated[str, Text(MAX_NAME, min_len=1, pattern=r"[a-z][a-z0-9_]*"
 Members = Annotated[tuple[str, ...], Seq(PeerId.__metadata__[0], MAX_MEMBERS, min_items=1, unique=True)]
 VersionRecord = Annotated[bytes, Blob(MAX_RECORD, min_len=1)]  # lineage Version.to_bytes()
 Certificate = Annotated[tuple[bytes, ...], Seq(Blob(MAX_SIGNED_VOTE, min_len=1), MAX_MEMBERS)]
+Signers = Annotated[int, UInt(min=1, max=MAX_MEMBERS)]  # votes in one certificate
 
 
 class ProposalDelta(NamedTuple):
@@ -291,17 +292,22 @@ class Vote(Message):
 
 @dataclass(frozen=True)
 class Commit(Message):
-    """ "This version is committed; here are the votes that prove it." DHT: p2pmodel/<event>/head.
+    """ "This version is committed; the certificate with this hash proves it." DHT: p2pmodel/<event>/head.
 
-    The record itself is not inside: it grows with the model's tensor count and the DHT is for
-    small values. Readers fetch it by id (the sha256 of the record) over a stream from a signer.
+    Neither the record nor the certificate is inside: both grow (with the model's tensor count,
+    with the signers), and a DHT record must stay small at any swarm size. The certificate is a
+    content-addressed blob (`protocols.certificate.encode_certificate`: the signed votes, each
+    once, sorted) that readers fetch by `certificate_id` over the object stream from the
+    publisher or any peer holding it, bounded by `signers`; the record is fetched by id from a
+    signer. Live peers fetch neither: they commit from the votes they were pushed.
     """
 
     TYPE: ClassVar[str] = "commit"
 
     round: Round  # the round committed
     version_id: Sha256Hex  # id of the committed version; every vote in the certificate names it
-    certificate: Certificate  # signed Vote envelopes (signing.sign output), one per voter
+    certificate_id: Sha256Hex  # sha256 of the certificate blob: the signed Vote envelopes that commit it
+    signers: Signers  # vote envelopes in that blob (a reader fetches at most this many votes' bytes)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from enum import Enum
 from fractions import Fraction
 from typing import Callable
 
-from .certificate import commits, open_certificate, quorum, vouches, weak_quorum
+from .certificate import CertifiedCommit, commits, open_certificate, quorum, vouches, weak_quorum
 from .errors import LocalProtocolError
 from .round_io import (  # re-exported: the daemon and tests import them from here
     Action,
@@ -72,7 +72,6 @@ from .round_io import (  # re-exported: the daemon and tests import them from he
 from .round_view import RoundView, SyncTarget, Tally, proposer_rank_key  # proposer_rank_key: re-exported
 from .messages import (
     MAX_MEMBERS,
-    Commit,
     DeltaAnnouncement,
     Departure,
     Message,
@@ -514,7 +513,7 @@ class RoundMachine:
 
     def _on_MessageReceived(self, ev: MessageReceived, out: list[Action]) -> None:
         msg, sender = ev.message, ev.sender
-        if isinstance(msg, Commit):
+        if isinstance(msg, CertifiedCommit):  # a bare Commit names its votes by hash: the shell fetches them
             self._on_commit(msg, ev.now, out)
             return
         if isinstance(msg, Proposal):
@@ -709,7 +708,7 @@ class RoundMachine:
 
     # ---- commits -----------------------------------------------------------------------
 
-    def _on_commit(self, msg: Commit, now: float, out: list[Action]) -> None:
+    def _on_commit(self, msg: CertifiedCommit, now: float, out: list[Action]) -> None:
         votes, bad = open_certificate(msg.certificate, self._open_vote)
         self.counters["bad_certificate_vote"] += bad
         keys = {(x.round, x.base_version, x.proposal_hash, x.version_id) for x in votes.values()}

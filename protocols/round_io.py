@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
+from .certificate import CertifiedCommit
 from .messages import Message, Proposal, Vote
 
 # --------------------------------------------------------------------------------------
@@ -48,11 +49,11 @@ class TrainingDone:
 class MessageReceived:
     """A record read from the DHT, its envelope already verified; `sender` is the signer.
 
-    Commit certificates are the exception: their votes are opened by the machine itself
-    (see RoundMachine's `open_vote`)."""
+    Commits arrive as a `CertifiedCommit`: the shell fetched the certificate the record names
+    by hash; its votes are opened by the machine itself (see RoundMachine's `open_vote`)."""
 
     now: float
-    message: Message
+    message: Message | CertifiedCommit
     sender: str  # peer id of the signer
 
 

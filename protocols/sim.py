@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .messages import SIGNED_OVERHEAD, Commit, Message, Proposal, Vote, decode, encode
+from .certificate import CertifiedCommit, make_commit
+from .messages import SIGNED_OVERHEAD, Message, Proposal, Vote, decode, encode
 from .round import (
     CommitVersion,
     DeltaFetched,
@@ -355,8 +356,7 @@ class Simulation:
             if p.fault is None and prop is not None and (self.latest is None or a.round > self.latest[0]):
                 self.latest = (a.round, a.version_id, frozenset(prop.members))
         elif isinstance(a, PublishCommit):
-            cert = tuple(encode(v) for v in a.votes)
-            self._publish(p, Commit(round=a.round, version_id=a.version_id, certificate=cert))
+            self._publish(p, make_commit(a.round, a.version_id, (encode(v) for v in a.votes)))
         elif isinstance(a, SyncVersion):
             self._sync(p, a)
         elif isinstance(a, RoundFailed):
@@ -396,7 +396,9 @@ class Simulation:
         else:
             self._event_later(p, self.cfg.net.retry_interval * 2, SyncFailed(0.0, a.version_id))
 
-    def _size(self, msg: Message) -> int:
+    def _size(self, msg: Message | CertifiedCommit) -> int:
+        if isinstance(msg, CertifiedCommit):  # the record, and the certificate a reader fetches by its hash
+            return len(encode(msg.commit)) + SIGNED_OVERHEAD + len(msg.blob())
         return len(encode(msg)) + SIGNED_OVERHEAD
 
     def _publish(self, p: _Peer, msg: Message) -> None:

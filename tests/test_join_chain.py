@@ -2,10 +2,13 @@
 
 Two real transports (hivemind DHT + p2pd on 127.0.0.1): a "veteran" holds a lineage of three
 committed rounds, each certified by real Ed25519 votes, where the founder signed only the
-first (it left after round 0). A fresh node holding only the seed checks every link, using
-version records fetched by hash and certificates fetched over `/p2pmodel/certificate/1`, and
-accepts the head. A head forged by a fresh key that names itself as the only member is refused,
-as is a chain whose middle certificate is missing.
+first (it left after round 0). A fresh node holding only the seed fetches the head Commit's
+certificate by the hash the Commit names, checks every link, using version records fetched by
+hash and past certificates fetched over `/p2pmodel/certificate/1`, and accepts the head. A head
+forged by a fresh key that names itself as the only member is refused, as is a chain whose
+middle certificate is missing. A peer serving other bytes for a certificate is skipped for the
+next one; when nobody serves the blob a Commit names (its publisher left), the veteran's own
+certificate of that version, fetched by version id, is checked instead.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import pytest_asyncio
 import torch
 
 from p2pmodel.daemon.certificates import serve_certificates
-from p2pmodel.daemon.sync import SyncError, verify_by_chain, verify_commit
+from p2pmodel.daemon.sync import ServedCertificates, SyncError, fetch_commit_certificate, verify_by_chain, verify_commit
 from p2pmodel.daemon.transport import Transport
 from p2pmodel.lineage import Annotations, LineageStore, Version
 from p2pmodel.protocols import signing
-from p2pmodel.protocols.messages import Commit, Vote
+from p2pmodel.protocols.certificate import certificate_limit, make_commit
+from p2pmodel.protocols.messages import Vote
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.multiprocess]
 
@@ -75,10 +79,23 @@ async def joiner(veteran):
     await t.shutdown()
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def liar(veteran):
+    """A peer that answers every object request with bytes of its own: `answer["bytes"]`."""
+    t = await Transport.create(initial_peers=await veteran.visible_maddrs())
+    answer = {"bytes": b"not the certificate you asked for"}
+    t.add_source(lambda oid: answer["bytes"])
+    yield t, answer
+    await t.shutdown()
+
+
 async def test_a_fresh_joiner_checks_every_link_and_accepts_the_head(lineage, veteran, joiner, tmp_path):
     store, seed, versions, votes2 = lineage
     head = versions[-1]
-    commit = Commit(round=2, version_id=head.id, certificate=tuple(votes2))
+    published = make_commit(2, head.id, votes2)
+    ServedCertificates(veteran).serve(published)  # the publisher serves what its Commit names
+    commit = await fetch_commit_certificate(joiner, published.commit, [veteran.peer_id.to_base58()])
+    assert commit == published
     record = store.read_object(head.id)
     # the founder did not sign the head: vouching alone cannot accept it
     with pytest.raises(SyncError, match="vouches"):
@@ -97,7 +114,7 @@ async def test_a_forged_single_member_head_is_refused(lineage, veteran, joiner, 
     store.write_object(forged.id, forged.to_bytes())  # served like any record
     vote = signing.sign(Vote(round=10**6, base_version=seed.id, proposal_hash=PROPOSAL, version_id=forged.id,
                              voter=liar.peer_id, metrics={}), liar)  # fmt: skip
-    commit = Commit(round=10**6, version_id=forged.id, certificate=(vote,))
+    commit = make_commit(10**6, forged.id, [vote])
     with pytest.raises(SyncError):
         verify_commit(commit, forged.to_bytes(), electorate=frozenset({FOUNDER}), head=seed.id)
     with pytest.raises(SyncError):
@@ -108,7 +125,39 @@ async def test_a_forged_single_member_head_is_refused(lineage, veteran, joiner, 
 async def test_a_chain_with_a_link_nobody_can_certify_is_refused(lineage, veteran, joiner, tmp_path):
     store, seed, versions, votes2 = lineage
     store.annotate(versions[1].id, certificate={"round": 1, "votes": []})  # the veteran lost r1's certificate
-    commit = Commit(round=2, version_id=versions[2].id, certificate=tuple(votes2))
+    commit = make_commit(2, versions[2].id, votes2)
     with pytest.raises(SyncError, match="certificate"):
         await verify_by_chain(joiner, commit, store.read_object(versions[2].id), head=seed.id,
                               electorate=frozenset({FOUNDER}), peers=[veteran.peer_id.to_base58()])  # fmt: skip
+
+
+async def test_a_peer_serving_other_bytes_for_a_certificate_is_skipped_for_the_next(lineage, veteran, joiner, liar):
+    _, _, versions, votes2 = lineage
+    published = make_commit(2, versions[2].id, votes2)
+    ServedCertificates(veteran).serve(published)
+    peers = [liar[0].peer_id.to_base58(), veteran.peer_id.to_base58()]
+    assert await fetch_commit_certificate(joiner, published.commit, peers) == published
+    with pytest.raises(SyncError, match="not to the requested id"):
+        await fetch_commit_certificate(joiner, published.commit, peers[:1])
+
+
+async def test_a_peer_offering_more_than_the_signers_can_take_is_refused(lineage, joiner, liar):
+    _, _, versions, votes2 = lineage
+    published = make_commit(2, versions[2].id, votes2)
+    t, answer = liar
+    answer["bytes"] = b"x" * (certificate_limit(published.commit.signers) + 1)
+    try:
+        with pytest.raises(SyncError, match="exceeds the limit"):
+            await fetch_commit_certificate(joiner, published.commit, [t.peer_id.to_base58()])
+    finally:
+        answer["bytes"] = b"not the certificate you asked for"
+
+
+async def test_when_nobody_serves_the_named_blob_a_holder_of_the_version_serves_its_certificate(lineage, veteran, joiner):
+    store, _, versions, votes2 = lineage
+    gone = make_commit(2, versions[2].id, votes2[:1])  # its publisher left: nobody serves this blob
+    got = await fetch_commit_certificate(joiner, gone.commit, [veteran.peer_id.to_base58()])
+    assert got.certificate == make_commit(2, versions[2].id, votes2).certificate  # the veteran's copy
+    # checked like any certificate: by the electorate the head before it fixed (r1's members)
+    certified = verify_commit(got, store.read_object(versions[2].id), electorate=frozenset(IDS[1:4]), head=versions[1].id)
+    assert certified.id == versions[2].id

@@ -15,6 +15,7 @@ import hashlib
 import pytest
 
 from p2pmodel.protocols import signing
+from p2pmodel.protocols.certificate import make_commit
 from p2pmodel.protocols.errors import LocalProtocolError
 from p2pmodel.protocols.messages import (
     Commit,
@@ -452,7 +453,7 @@ def test_commit_signed_by_all_members_of_a_small_proposal_but_not_two_thirds_of_
     m = machine(ORDER[3])
     small = proposal(ORDER[0], members=[ORDER[0], ORDER[1]], deltas=[])
     cert = tuple(encode(vote(pid, small)) for pid in (ORDER[0], ORDER[1]))
-    acts = m.process(MessageReceived(40.0, Commit(round=R, version_id="cd" * 32, certificate=cert), ORDER[0]))
+    acts = m.process(MessageReceived(40.0, make_commit(R, "cd" * 32, cert), ORDER[0]))
     assert not of(acts, SyncVersion) and m.counters["bad_commit"] == 1 and m.round == R
 
 
@@ -500,7 +501,7 @@ def test_commit_for_a_later_round_signed_by_a_weak_quorum_of_our_electorate_is_s
     later = proposal(ORDER[0], base="ef" * 32)
     later = dataclasses.replace(later, round=R + 2)
     cert = tuple(signing.sign(vote(pid, later), identity(pid)) for pid in ORDER[:2])  # 2 = 4 - ceil(8/3) + 1
-    commit = Commit(round=R + 2, version_id="cd" * 32, certificate=cert)
+    commit = make_commit(R + 2, "cd" * 32, cert)
     acts = m.process(MessageReceived(10.0, commit, ORDER[0]))
     assert of(acts, SyncVersion)[0].round == R + 2 and m.phase is Phase.SYNCING
 
@@ -512,7 +513,7 @@ def test_commit_certificate_with_a_forged_vote_is_not_counted():
     # A vote naming ORDER[0] but signed by a stranger, and one not signed at all.
     impersonated = signing._pack_envelope(stranger.public_key, encode(vote(ORDER[0], later)), b"\0" * 64)
     cert = (impersonated, encode(vote(ORDER[1], later)))
-    commit = Commit(round=R + 2, version_id="cd" * 32, certificate=cert)
+    commit = make_commit(R + 2, "cd" * 32, cert)
     acts = m.process(MessageReceived(10.0, commit, ORDER[0]))
     assert not of(acts, SyncVersion) and m.phase is Phase.COLLECTING
     assert m.counters["bad_certificate_vote"] == 2 and m.counters["bad_commit"] == 1
@@ -613,11 +614,21 @@ def test_commit_of_a_proposal_whose_deltas_we_hold_is_merged_locally_not_fetched
     assert of(acts, CommitVersion) and m.round == R + 1
 
 
+def test_a_commit_record_without_its_fetched_certificate_is_not_acted_on():
+    # The record names its votes by hash; only the shell can fetch them, so the machine never
+    # commits on a bare record, however many signers it claims.
+    m = machine(ORDER[3])
+    prop = proposal(ORDER[0])
+    signed = make_commit(R, "cd" * 32, [encode(vote(pid, prop)) for pid in ORDER[:3]])
+    acts = m.process(MessageReceived(40.0, signed.commit, ORDER[0]))
+    assert isinstance(signed.commit, Commit) and acts == [] and m.counters["unexpected"] == 1 and m.round == R
+
+
 def test_commit_whose_id_differs_from_its_votes_is_rejected():
     m = machine(ORDER[3])
     prop = proposal(ORDER[0])
     cert = tuple(encode(vote(pid, prop)) for pid in ORDER[:3])  # the votes name "cd" * 32
-    acts = m.process(MessageReceived(40.0, Commit(round=R, version_id="ee" * 32, certificate=cert), ORDER[0]))
+    acts = m.process(MessageReceived(40.0, make_commit(R, "ee" * 32, cert), ORDER[0]))
     assert not of(acts, SyncVersion) and m.counters["bad_commit"] == 1
 
 

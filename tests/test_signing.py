@@ -48,7 +48,7 @@ def test_a_signed_message_opens_to_the_message_and_its_signer():
 
 
 def test_messages_without_a_sender_field_may_be_signed_by_anyone():
-    commit = m.Commit(4, "ab" * 32, (sign(vote(), ALICE),))
+    commit = m.Commit(4, "ab" * 32, "cd" * 32, 1)
     assert open_signed(sign(commit, BOB)) == (commit, BOB.peer_id)
 
 

@@ -4,6 +4,8 @@
   `encoded_hex`; decoding those bytes gives the fields back; `message_hash` matches; signing
   with the file's fixed key gives exactly `signed_hex`, which opens to the message and key.
 - Every case in decoding.json decodes to its fields or fails with its named error.
+- certificate.json: the commit certificate blob built from its votes is exactly its bytes, hashes
+  to the id its commit names, and opens back to those votes.
 - Every message type has a vector file, and the files match what scripts/gen_vectors writes.
 - SPEC.md names every message type, every field and every reject code.
 """
@@ -105,6 +107,18 @@ def test_decoding_cases_give_their_expected_outcome(case):
         assert msg == build(case["type"], case["fields"])
         if case["signed"]:
             assert result[1] == case["signer"]
+
+
+def test_the_certificate_vector_is_the_blob_its_commit_names():
+    from p2pmodel.protocols.certificate import certificate_limit, certify, encode_certificate
+
+    doc = load("certificate.json")
+    votes = [bytes.fromhex(v) for v in doc["votes_hex"]]
+    blob = bytes.fromhex(doc["blob_hex"])
+    commit = build("commit", doc["commit"])
+    assert encode_certificate(reversed(votes)) == blob and len(blob) <= doc["max_blob_bytes"] == certificate_limit(2)
+    assert (commit.certificate_id, commit.signers) == (doc["certificate_id"], doc["signers"])
+    assert certify(commit, blob).certificate == tuple(votes)
 
 
 def test_the_vector_files_are_what_the_generator_writes():
