@@ -1108,7 +1108,9 @@ class RoundRunner:
             if self.times is not None:
                 self.times.communication += time.monotonic() - t0
         self.feedback.reset()  # our residual was relative to what we would have merged
-        self._post(rm.VersionSynced(time.time(), a.version_id, a.round))
+        proposal = (version.merge or {}).get("proposal")
+        self._post(rm.VersionSynced(time.time(), a.version_id, a.round, proposal if isinstance(proposal, str) else "",
+                                    frozenset(m for m in target.members if isinstance(m, str))))  # fmt: skip
 
     # ------------------------------------------------------------------------------ status
 

@@ -501,6 +501,11 @@ class RoundMachine:
             self._count("stale_results")
             return
         s.have_version = True
+        if s.members is None and ev.members and ev.proposal_hash == s.proposal_hash:
+            # The quorum signed this record's id, and its merge spec names the proposal and its
+            # members: a laggard need not wait for a proposal pushed before it came back (it
+            # would wait forever: proposals reach the DHT only when a push missed).
+            s.members = ev.members
         self._move(VersionSynced)
 
     def _on_SyncFailed(self, ev: SyncFailed, out: list[Action]) -> None:

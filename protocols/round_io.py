@@ -95,6 +95,8 @@ class VersionSynced:
     now: float
     version_id: str
     round: int
+    proposal_hash: str = ""  # what the record's merge spec says it merged ...
+    members: frozenset[str] = frozenset()  # ... and that proposal's members (the next electorate)
 
 
 @dataclass(frozen=True)

@@ -470,6 +470,29 @@ def test_peer_whose_result_differs_syncs_the_committed_version():
     assert of(acts, CommitVersion)[0].version_id == "cd" * 32 and m.round == R + 1
 
 
+def _laggard_syncing(later: Proposal) -> RoundMachine:
+    """A machine that synced a later round's commit without ever seeing its proposal."""
+    m = machine(ORDER[3], open_vote=lambda d: signing.open_signed(d, Vote))
+    cert = tuple(signing.sign(vote(pid, later), identity(pid)) for pid in ORDER[:2])
+    m.process(MessageReceived(10.0, make_commit(later.round, "cd" * 32, cert), ORDER[0]))
+    return m
+
+
+def test_a_laggard_learns_the_members_from_the_synced_record_when_it_never_saw_the_proposal():
+    later = dataclasses.replace(proposal(ORDER[0], base="ef" * 32), round=R + 2)  # pushed before we came
+    m = _laggard_syncing(later)
+    acts = m.process(VersionSynced(13.0, "cd" * 32, R + 2, message_hash(later), frozenset(later.members)))
+    assert of(acts, CommitVersion)[0].version_id == "cd" * 32 and m.round == R + 3
+    assert m.electorate == frozenset(later.members)
+
+
+def test_members_a_synced_record_names_for_another_proposal_are_not_taken():
+    later = dataclasses.replace(proposal(ORDER[0], base="ef" * 32), round=R + 2)
+    m = _laggard_syncing(later)
+    acts = m.process(VersionSynced(13.0, "cd" * 32, R + 2, "00" * 32, frozenset(later.members)))
+    assert not of(acts, CommitVersion) and m.phase is Phase.SYNCING
+
+
 def test_failed_round_keeps_the_head_keeps_the_delta_and_enters_the_next_round():
     m = machine(ORDER[2])
     m.process(TrainingDone(4.0, delta_hash(ORDER[2]), 10, 100))
