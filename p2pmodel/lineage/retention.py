@@ -135,7 +135,9 @@ def apply_retention(
         GcRefused: a record of a version kept whole cannot be read (nothing is deleted).
     """
     tips = set(store.index.refs().values())
-    ids = plan_pruning(store.versions(), tips, policy, protect)
+    # what the refs reach, two queries per tip (versions() would ask for each one's parents)
+    reached = {info.id: info for tip in tips for info in store.index.ancestry(tip)}
+    ids = plan_pruning(reached.values(), tips, policy, protect)
     newly = store.prune(ids) if ids else []
     if full_gc:
         freed = store.gc(grace_s)

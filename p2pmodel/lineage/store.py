@@ -21,6 +21,10 @@ commit chain a joiner checks stay whole) while its tensors, optimizer state and 
 gone: `prune` marks versions so (retention.py decides which), `gc` then frees what only they
 needed, and reading their tensors raises VersionPruned. A joiner's shallow history is indexed
 the same way (`put_version(..., pruned=True)`: records without objects).
+
+Why one ~650-line module: the write order above spans objects, records, the index and refs, and
+every method here takes part in it. The seam to split next is revision resolution (`resolve`,
+`_resolve_base`, ~60 lines), which only reads the index and could join refs.py.
 """
 
 from __future__ import annotations
