@@ -41,7 +41,7 @@ import dataclasses
 import hashlib
 import math
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -169,6 +169,7 @@ class _Delivery:
     warned: set[str] = field(default_factory=set)  # peers whose failed connect was logged at warning level
     recent: deque = field(default_factory=lambda: deque(maxlen=16))  # (round, envelope) we published
     dht_stores_skipped: int = 0  # round records every known peer took by push: not stored in the DHT
+    dht_reads: dict = field(default_factory=lambda: defaultdict(int))  # why we read the DHT -> how often
     roster_written: float = -math.inf  # monotonic time our roster entry was last stored
     roster_addrs: tuple[str, ...] = ()  # the addresses that entry announced
 
@@ -594,6 +595,8 @@ class RoundRunner:
                         if head:
                             keys += [f"{self.prefix}/r/{r + 1}/members", f"{self.prefix}/head", f"{self.prefix}/peers"]
                             poll.next_head, poll.head_due = now + POLL_HEAD_EVERY, False
+                        why = "deadline" if near else "head" if head else "missed_peer" if due else "interval"
+                        poll.dht_reads[why] += 1
                         if near:
                             poll.deadline_read = deadline
                         poll.last_read, poll.read_due = now, False
@@ -1140,7 +1143,11 @@ class RoundRunner:
             "round_counters": dict(m.counters) if m is not None else {},
             "commits_refused": self.commits_refused,
             "records_refused": self.records_refused,
-            "gossip": {**self._gossip.stats(), "dht_stores_skipped": self._delivery.dht_stores_skipped},
+            "gossip": {
+                **self._gossip.stats(),
+                "dht_stores_skipped": self._delivery.dht_stores_skipped,
+                "dht_reads": dict(sorted(self._delivery.dht_reads.items())),
+            },
             "disk": self.disk.status(),
             "totals": dict(self.totals),
             "exclusions": {
