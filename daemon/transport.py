@@ -412,7 +412,7 @@ class Transport:
 
         The node announces its addresses once, when it starts; a private node's only address
         others can dial is the circuit one, which exists once p2pd reserved a slot at a relay
-        (measured in the namespace lab: 1-15 s after start).
+        (measured in tests/nat_lab.py: 2-4 s after p2pd started).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.relay_wait
