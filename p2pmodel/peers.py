@@ -44,7 +44,7 @@ REACHABILITY: dict[str, str] = {
     "private": "announces only private-network addresses: dialable on its network; elsewhere it is reached "
                "only over connections it opens itself",
     "loopback": "announces only 127.0.0.1/::1: dialable from its own machine only",
-    "relay": "announces only relay circuit addresses: reached through a relay",
+    "relay": "announces no public address but a relay circuit: others reach it through that relay",
     "outbound-only": "announces no address: reached only over connections it opens itself",
     "unknown": "no announcement seen (or addresses we cannot read)",
 }
@@ -104,15 +104,16 @@ def reachability(addrs: Sequence[str] | None) -> str:
     """What announced multiaddrs say about dialing a peer: a key of `REACHABILITY`.
 
     `None` means we saw no announcement ("unknown"); an empty list means it announced none
-    ("outbound-only"). The best direct address decides: public over private over loopback;
-    relay only when there is no direct address at all.
+    ("outbound-only"). A public address decides first; then a relay circuit (a home behind NAT
+    announces its LAN address too, but others reach it through the relay); then private over
+    loopback.
     """
     if addrs is None:
         return "unknown"
     if not addrs:
         return "outbound-only"
     kinds = {_addr_kind(a) for a in addrs}
-    for kind in ("public", "private", "loopback", "relay"):
+    for kind in ("public", "relay", "private", "loopback"):
         if kind in kinds:
             return kind
     return "unknown"

@@ -4,7 +4,7 @@ and a per-peer view built only from what the peers' records said.
 Guarantees: a display name never carries control or format characters (terminal escapes, bidi
 overrides, zero-width marks) and is at most 32 characters; our own `--name` is refused, not
 trimmed, when it is not already such a name; reachability is read from announced multiaddrs
-(public over private over loopback, relay only without a direct address, none announced is
+(public, then a relay circuit, then private over loopback; none announced is
 "outbound-only", no announcement "unknown"); the view keeps the newest announcement, the latest
 delta round, the latest merged round, a rate only over consecutive rounds, departures that are
 not stale, and a bounded number of peers.
@@ -67,7 +67,8 @@ def test_our_own_name_is_refused_rather_than_trimmed():
     (("/ip6/2001:4860::8888/tcp/4001",), "public"),
     (("/dns4/node.example.org/tcp/4001",), "public"),
     (("/ip4/8.8.8.8/tcp/4001/p2p/QmRelay/p2p-circuit/p2p/QmMe",), "relay"),
-    (("/ip4/8.8.8.8/tcp/4001/p2p/QmRelay/p2p-circuit", "/ip4/10.0.0.2/tcp/1"), "private"),
+    (("/ip4/192.168.1.5/tcp/4001", "/ip4/8.8.8.8/tcp/4001/p2p/QmRelay/p2p-circuit/p2p/QmMe"), "relay"),  # a home behind NAT
+    (("/ip4/8.8.8.8/tcp/4001/p2p/QmRelay/p2p-circuit", "/ip4/10.0.0.2/tcp/1"), "relay"),
     (("/ip4/0.0.0.0/tcp/4001", "garbage", "/ip4/999.1.1.1/tcp/1"), "unknown"),
 ])
 def test_reachability_is_read_from_the_announced_addresses(addrs, kind):
