@@ -10,15 +10,14 @@ from __future__ import annotations
 KiB = 1024
 MiB = 1024 * KiB
 
-MAX_CHUNK = 1 * MiB  # bytes of payload in one DeltaChunk / ObjectChunk
-MAX_PAYLOAD = 1 << 40  # bytes: the largest delta or tensor object a stream may announce
+MAX_PAYLOAD = 1 << 40  # bytes: the largest encoded delta a DeltaAnnouncement may announce
 MAX_MEMBERS = 1024  # peers in one round's proposal (and votes in one certificate)
 MAX_ADDRS = 16  # multiaddrs in one PeerAnnouncement
 MAX_ADDR_LEN = 256  # bytes of one multiaddr (ASCII)
 MAX_MAP_ITEMS = 32  # entries of capabilities / merge params
 MAX_METRICS = 16  # entries of a metrics map (a vote must stay small: certificates hold 1024)
 MAX_KEY_LEN = 64  # UTF-8 bytes of a map key (capability, metric or parameter name)
-MAX_TEXT = 256  # UTF-8 bytes of a free-text scalar (capability value, reject detail)
+MAX_TEXT = 256  # UTF-8 bytes of a free-text scalar (capability or parameter value)
 MAX_NAME = 64  # bytes of a merge method name (ASCII)
 MAX_LIBP2P_ID = 128  # bytes of a base58 libp2p peer id (ASCII)
 MAX_RECORD = 4 * MiB  # bytes of one lineage version record
@@ -30,16 +29,9 @@ LIMITS: dict[str, int] = {
     "peer_announcement": 16 * KiB,
     "departure": 512,
     "delta_announcement": 1 * KiB,
-    "delta_request": 512,
-    "delta_chunk": MAX_CHUNK + 1 * KiB,
     "proposal": 256 * KiB,
     "vote": 2 * KiB,
     "commit": 512,  # ids, round and signer count: the record and the certificate travel by stream
-    "version_request": 512,
-    "version_response": 8 * MiB,
-    "object_request": 512,
-    "object_chunk": MAX_CHUNK + 1 * KiB,
-    "reject": 1 * KiB,
 }
 MAX_MESSAGE = max(LIMITS.values())
 SIGNED_OVERHEAD = 128  # bytes a signed envelope adds around its payload (key, signature, framing)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import typing
 from dataclasses import MISSING, dataclass, fields
-from enum import IntEnum
 from typing import Annotated, Any, ClassVar, NamedTuple
 
 import msgpack
@@ -34,7 +33,6 @@ from .limits import (  # re-exported: the limits are part of the messages' publi
     LIMITS,
     MAX_ADDRS,
     MAX_ADDR_LEN,
-    MAX_CHUNK,
     MAX_KEY_LEN,
     MAX_LIBP2P_ID,
     MAX_MAP_ITEMS,
@@ -51,7 +49,7 @@ from .limits import (  # re-exported: the limits are part of the messages' publi
     SIGNED_OVERHEAD,
     UNPACK_LIMITS,
 )
-from .schema import Blob, Code, Hex, Map, Real, Record, Scalar, Seq, Text, UInt, _Bad, _Check, is_int
+from .schema import Blob, Hex, Map, Real, Record, Scalar, Seq, Text, UInt, _Bad, _Check, is_int
 from .errors import (  # the errors are re-exported: ARCHITECTURE lists them with the messages
     InvalidMessage,
     LocalProtocolError,
@@ -68,9 +66,11 @@ from .errors import (  # the errors are re-exported: ARCHITECTURE lists them wit
 __all__ = [
     "PROTOCOL_VERSION",
     "LIMITS",
-    "MAX_CHUNK",
     "MAX_MEMBERS",
     "MAX_KEY_LEN",
+    "MAX_RECORD",
+    "MAX_SIGNED_VOTE",
+    "MAX_TEXT",
     "MAX_MAP_ITEMS",
     "MAX_U63",
     "SIGNED_OVERHEAD",
@@ -80,18 +80,10 @@ __all__ = [
     "PeerAnnouncement",
     "Departure",
     "DeltaAnnouncement",
-    "DeltaRequest",
-    "DeltaChunk",
     "ProposalDelta",
     "Proposal",
     "Vote",
     "Commit",
-    "VersionRequest",
-    "VersionResponse",
-    "ObjectRequest",
-    "ObjectChunk",
-    "RejectCode",
-    "Reject",
     "MESSAGE_TYPES",
     "encode",
     "decode",
@@ -118,7 +110,6 @@ PROTOCOL_VERSION: tuple[int, int] = (1, 0)
 Round = Annotated[int, UInt()]  # round number, counts up from 0
 Count = Annotated[int, UInt()]
 Size = Annotated[int, UInt(max=MAX_PAYLOAD)]  # bytes
-ChunkMax = Annotated[int, UInt(min=1, max=MAX_CHUNK)]  # bytes
 Time = Annotated[float, Real(min=0.0)]  # unix seconds (float64)
 Sha256Hex = Annotated[str, Hex(32, "sha256")]
 PeerId = Annotated[str, Hex(20, "sha256(ed25519 public key)[:20]")]
@@ -129,11 +120,8 @@ Multiaddrs = Annotated[
 ]
 Scalars = Annotated[dict, Map(Scalar())]
 Metrics = Annotated[dict, Map(Real(), MAX_METRICS)]
-ChunkData = Annotated[bytes, Blob(MAX_CHUNK)]
 MethodName = Annotated[str, Text(MAX_NAME, min_len=1, pattern=r"[a-z][a-z0-9_]*", what="merge method name")]
 Members = Annotated[tuple[str, ...], Seq(PeerId.__metadata__[0], MAX_MEMBERS, min_items=1, unique=True)]
-VersionRecord = Annotated[bytes, Blob(MAX_RECORD, min_len=1)]  # lineage Version.to_bytes()
-Certificate = Annotated[tuple[bytes, ...], Seq(Blob(MAX_SIGNED_VOTE, min_len=1), MAX_MEMBERS)]
 Signers = Annotated[int, UInt(min=1, max=MAX_MEMBERS)]  # votes in one certificate
 
 
@@ -222,35 +210,8 @@ class DeltaAnnouncement(Message):
     base_version: Sha256Hex  # version id the delta is relative to (the round's head)
     peer_id: PeerId  # the peer that trained it and serves it
     delta_hash: Sha256Hex  # sha256 hex of the encoded delta bytes
-    encoded_size: Size  # bytes of the encoded delta (what DeltaChunk.total_size will say)
+    encoded_size: Size  # bytes of the encoded delta (the object stream's total size for `delta_hash`)
     samples: Count  # training samples behind the delta (the FedAvg weight)
-
-
-@dataclass(frozen=True)
-class DeltaRequest(Message):
-    """ "Send me bytes of delta `delta_hash` from `offset`, at most `max_bytes` of them." (stream)"""
-
-    TYPE: ClassVar[str] = "delta_request"
-
-    delta_hash: Sha256Hex  # which delta
-    offset: Size  # bytes already held; resume from here
-    max_bytes: ChunkMax  # bytes wanted in this chunk
-
-
-@dataclass(frozen=True)
-class DeltaChunk(Message):
-    """ "Here are bytes [offset, offset+len(data)) of delta `delta_hash`, of `total_size`." (stream)"""
-
-    TYPE: ClassVar[str] = "delta_chunk"
-
-    delta_hash: Sha256Hex  # which delta
-    offset: Size  # byte offset of data within the delta
-    total_size: Size  # bytes of the whole encoded delta
-    data: ChunkData  # the bytes; empty only at the end (offset == total_size)
-
-    def _check(self) -> None:
-        if self.offset + len(self.data) > self.total_size:
-            raise _Bad(f"offset + len(data) = {self.offset + len(self.data)} exceeds total_size", "data")
 
 
 @dataclass(frozen=True)
@@ -310,94 +271,15 @@ class Commit(Message):
     signers: Signers  # vote envelopes in that blob (a reader fetches at most this many votes' bytes)
 
 
-@dataclass(frozen=True)
-class VersionRequest(Message):
-    """ "Send me version `version_id`'s record and annotations." (stream)"""
-
-    TYPE: ClassVar[str] = "version_request"
-
-    version_id: Sha256Hex  # the version wanted
-
-
-@dataclass(frozen=True)
-class VersionResponse(Message):
-    """ "Here is version `version_id`." The receiver re-derives the id from the record. (stream)"""
-
-    TYPE: ClassVar[str] = "version_response"
-
-    version_id: Sha256Hex  # the version sent
-    version_record: VersionRecord  # the lineage record encoding (Version.to_bytes())
-    metrics: Metrics  # annotations: CI metrics stored with the version
-    certificate: Certificate  # annotations: signed votes that committed it (empty if none)
-
-
-@dataclass(frozen=True)
-class ObjectRequest(Message):
-    """ "Send me bytes of tensor object `oid` from `offset`, at most `max_bytes`." (stream)"""
-
-    TYPE: ClassVar[str] = "object_request"
-
-    oid: Sha256Hex  # lineage object id (tensor_oid)
-    offset: Size  # bytes already held; resume from here
-    max_bytes: ChunkMax  # bytes wanted in this chunk
-
-
-@dataclass(frozen=True)
-class ObjectChunk(Message):
-    """ "Here are bytes [offset, offset+len(data)) of object `oid`, of `total_size`." (stream)"""
-
-    TYPE: ClassVar[str] = "object_chunk"
-
-    oid: Sha256Hex  # lineage object id
-    offset: Size  # byte offset of data within the object
-    total_size: Size  # bytes of the whole object
-    data: ChunkData  # the bytes; empty only at the end (offset == total_size)
-
-    def _check(self) -> None:
-        if self.offset + len(self.data) > self.total_size:
-            raise _Bad(f"offset + len(data) = {self.offset + len(self.data)} exceeds total_size", "data")
-
-
-class RejectCode(IntEnum):
-    """Why a request was refused, in the refusing peer's voice."""
-
-    UNKNOWN = 0  # (a code this version does not know; read the detail)
-    MALFORMED = 1  # "I could not parse your request."
-    TOO_LARGE = 2  # "Your request is larger than I accept."
-    UNSUPPORTED_VERSION = 3  # "I do not speak your protocol major version."
-    NOT_FOUND = 4  # "I do not have the delta, version or object you asked for."
-    BAD_OFFSET = 5  # "Your offset is past the end of what you asked for."
-    STALE_ROUND = 6  # "Your round is behind mine; fetch the head first."
-    BUSY = 7  # "I am serving too many streams; retry later."
-    INTERNAL = 8  # "Something failed on my side; this is not your fault."
-
-
-@dataclass(frozen=True)
-class Reject(Message):
-    """ "I will not answer that request", sent on a stream instead of the response."""
-
-    TYPE: ClassVar[str] = "reject"
-
-    code: Annotated[RejectCode, Code(RejectCode, RejectCode.UNKNOWN)]  # why
-    detail: Annotated[str, Text(MAX_TEXT)]  # one line for logs; never parsed
-
-
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         PeerAnnouncement,
         Departure,
         DeltaAnnouncement,
-        DeltaRequest,
-        DeltaChunk,
         Proposal,
         Vote,
         Commit,
-        VersionRequest,
-        VersionResponse,
-        ObjectRequest,
-        ObjectChunk,
-        Reject,
     )
 }
 assert set(MESSAGE_TYPES) == set(LIMITS), "every message type needs a size limit"
@@ -445,8 +327,6 @@ def _to_wire(v: Any) -> Any:
         return {k: _to_wire(v[k]) for k in sorted(v)}
     if isinstance(v, tuple):
         return [_to_wire(x) for x in v]
-    if isinstance(v, IntEnum):
-        return int(v)
     return v
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-from enum import IntEnum
 from typing import Any
 
 from .limits import MAX_KEY_LEN, MAX_MAP_ITEMS, MAX_TEXT, MAX_U63
@@ -242,23 +241,3 @@ class Map(_Check):
 
     def describe(self) -> str:
         return f"map of <= {self.max_items}: str (1..{MAX_KEY_LEN} bytes) -> {self.value.describe()}"
-
-
-class Code(_Check):
-    """An IntEnum value; a code this version does not know becomes `unknown` (forward compat)."""
-
-    def __init__(self, enum: type[IntEnum], unknown: IntEnum) -> None:
-        self.enum, self.unknown = enum, unknown
-
-    def __call__(self, v: Any) -> IntEnum:
-        if not is_int(v):
-            raise _Bad(f"expected an integer code, got {type(v).__name__}")
-        if not 0 <= v <= 0xFFFF:
-            raise _Bad(f"code {v} is outside [0, 65535]")
-        try:
-            return self.enum(v)
-        except ValueError:
-            return self.unknown
-
-    def describe(self) -> str:
-        return f"uint code of {self.enum.__name__} (unknown codes read as {int(self.unknown)})"
