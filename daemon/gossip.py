@@ -6,15 +6,9 @@ them to poll the DHT. What a record means, and which records to push to whom, is
 caller (`RoundRunner`); this module only frames, sends, bounds, checks signatures and hands over.
 The DHT stays the source of truth (discovery, late joiners, peers that missed a push).
 
-Wire format (frames on a long-lived stream, integers big-endian)::
-
-    request:  MAGIC "P2PMREC1" (8 bytes) | flags (u8) | count (u16) | records
-    records:  count x [ length (u32) | envelope ]                       (flags = 0)
-              packed length (u32) | zlib(count x [ length | envelope ])   (flags = 1, COMPRESSED)
-    response: status (u8, `PushStatus`); after OK the stream stays open for the next frame,
-              after any refusal the receiver closes it
-
-Bounds apply to the uncompressed frame, so inflating never yields more than `max_frame_bytes`.
+The frames (`P2PMREC1`, flags, count, length-prefixed envelopes, optionally deflated; a one-byte
+`PushStatus` answer) are `protocols/record_frame.py`, pure; protocols/SPEC.md describes them.
+This module reads them off streams (`read_frame`) and re-exports the framing names.
 
 The receiver answers as soon as the frame is read (before checking the envelopes); a sender that
 gets no OK keeps the records queued and retries later with backoff.
@@ -46,18 +40,16 @@ the stream from being read (the sender's budget bounds the backlog). Every envel
 by default `Transport.validator.check`, else `open_signed`) before `deliver(signer, envelope)`.
 Malformed frames raise `FrameError` internally, are counted by reason, and never reach the node.
 
-Why one long file: framing, the sender queue and the receiver budgets are one protocol; the pure
-framing is the seam to move out if it grows.
+Why one long file: the sender queue and the receiver budgets are one protocol; the pure framing
+already moved out along that seam.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import struct
 import time
-import zlib
 from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable, Sequence
@@ -67,6 +59,24 @@ from hivemind.p2p import P2PDaemonError
 from p2pmodel.daemon.logs import get_logger
 from p2pmodel.daemon.transport import RecordCheck, Transport, TransportError
 from p2pmodel.protocols.errors import RemoteProtocolError
+from p2pmodel.protocols.record_frame import (  # re-exported: gossip's framing names, as before the move
+    COMPRESSED,
+    HEADER_SIZE,
+    LENGTH_SIZE,
+    MAGIC,
+    RECORD_PROTOCOL,
+    FrameError,
+    PushStatus,
+    check_header,
+    check_length,
+    check_packed_length,
+    decode_frame,
+    encode_frame,
+    inflate,
+    parse_records,
+    split_frames,
+    unpack_length,
+)
 from p2pmodel.protocols.signing import signed_by, signer_of
 
 __all__ = [
@@ -86,38 +96,11 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-GOSSIP_PROTOCOL = "/p2pmodel/records/2"  # /1 took one frame per stream
-MAGIC = b"P2PMREC1"
-_HEADER = struct.Struct(">8sBH")  # magic, flags, record count
-HEADER_SIZE = _HEADER.size
-COMPRESSED = 0x01  # flag: the records follow as one zlib stream, after its length (u32)
-_LENGTH = struct.Struct(">I")  # one record's length
-_STATUS = struct.Struct(">B")
+GOSSIP_PROTOCOL = RECORD_PROTOCOL
+_STATUS = struct.Struct(">B")  # the receiver's answer: one PushStatus byte
 
 Deliver = Callable[[str, bytes], "Awaitable[None] | None"]
 """deliver(signer's peer id, envelope): hands a checked record to the node."""
-
-
-class PushStatus(enum.IntEnum):
-    """The receiver's one-byte answer to a frame."""
-
-    OK = 0  # read; its records will be checked and delivered
-    BUSY = 1  # too many streams open (in all, or from you); try again later
-    RATE_LIMITED = 2  # you sent more than your budget; try again later
-    BAD_FRAME = 3  # the frame broke the format or its bounds; not retried
-
-
-class FrameError(TransportError):
-    """A peer sent a frame that breaks the format or its bounds (the peer's fault, not ours).
-
-    `reason` is a short code used as a counter name: bad_magic, bad_flags, empty,
-    too_many_records, record_too_large, frame_too_large, truncated, trailing_bytes,
-    bad_compression.
-    """
-
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason = reason
-        super().__init__(f"bad record frame: {reason}" + (f" ({detail})" if detail else ""))
 
 
 @dataclass(frozen=True)
@@ -150,137 +133,6 @@ class GossipLimits:
 # ------------------------------------------------------------------------------------ framing
 
 
-def _records_section(envelopes: Sequence[bytes]) -> bytes:
-    parts = []
-    for env in envelopes:
-        parts.append(_LENGTH.pack(len(env)))
-        parts.append(bytes(env))
-    return b"".join(parts)
-
-
-def encode_frame(envelopes: Sequence[bytes], *, compress: bool = True) -> bytes:
-    """One frame holding `envelopes` (no bounds applied: see `split_frames`).
-
-    With `compress`, the records are deflated when that makes the frame smaller (signed records
-    are mostly hex digests and repeated field names: about a third smaller, a pair of nearly
-    equal announcements half).
-    """
-    if not envelopes or len(envelopes) > 0xFFFF:
-        raise ValueError(f"a frame holds 1 to 65535 records, not {len(envelopes)}")
-    section = _records_section(envelopes)
-    if compress:
-        packed = zlib.compress(section, 6)
-        if _LENGTH.size + len(packed) < len(section):
-            return _HEADER.pack(MAGIC, COMPRESSED, len(envelopes)) + _LENGTH.pack(len(packed)) + packed
-    return _HEADER.pack(MAGIC, 0, len(envelopes)) + section
-
-
-def split_frames(envelopes: Sequence[bytes], *, max_records: int, max_frame_bytes: int) -> list[list[bytes]]:
-    """Group `envelopes`, in order, into batches whose uncompressed frames stay within the bounds.
-
-    Raises:
-        ValueError: one envelope alone does not fit in a frame (the caller's bug: records are
-            bounded by the DHT's limit, which a frame always fits).
-    """
-    batches: list[list[bytes]] = []
-    current: list[bytes] = []
-    size = _HEADER.size
-    for env in envelopes:
-        need = _LENGTH.size + len(env)
-        if _HEADER.size + need > max_frame_bytes:
-            raise ValueError(f"a {len(env)}-byte record does not fit in a {max_frame_bytes}-byte frame")
-        if current and (len(current) >= max_records or size + need > max_frame_bytes):
-            batches.append(current)
-            current, size = [], _HEADER.size
-        current.append(env)
-        size += need
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _check_header(header: bytes, max_records: int) -> tuple[bool, int]:
-    """(compressed?, record count) of a frame header."""
-    magic, flags, count = _HEADER.unpack(header)
-    if magic != MAGIC:
-        raise FrameError("bad_magic")
-    if flags & ~COMPRESSED:
-        raise FrameError("bad_flags", f"{flags:#04x}")
-    if count == 0:
-        raise FrameError("empty")
-    if count > max_records:
-        raise FrameError("too_many_records", f"{count} > {max_records}")
-    return bool(flags & COMPRESSED), count
-
-
-def _check_length(length: int, total: int, max_record: int, max_frame: int) -> None:
-    if length > max_record:
-        raise FrameError("record_too_large", f"{length} > {max_record}")
-    if total + _LENGTH.size + length > max_frame:
-        raise FrameError("frame_too_large", f"more than {max_frame} bytes")
-
-
-def _check_packed_length(length: int, max_frame: int) -> None:
-    if length > max_frame:
-        raise FrameError("frame_too_large", f"{length} compressed bytes > {max_frame}")
-
-
-def _inflate(packed: bytes, limit: int) -> bytes:
-    """Decompress at most `limit` bytes (a bomb stops there) of a complete zlib stream."""
-    d = zlib.decompressobj()
-    try:
-        out = d.decompress(packed, limit + 1)
-    except zlib.error as e:
-        raise FrameError("bad_compression", str(e)) from None
-    if len(out) > limit:
-        raise FrameError("frame_too_large", f"inflates past {limit} bytes")
-    if not d.eof:
-        raise FrameError("bad_compression", "the zlib stream is cut short")
-    if d.unused_data:
-        raise FrameError("trailing_bytes", f"{len(d.unused_data)} bytes after the zlib stream")
-    return out
-
-
-def _parse_records(section: bytes, count: int, max_record: int, max_frame: int) -> list[bytes]:
-    """The `count` length-prefixed records that must make up all of `section` (uncompressed)."""
-    pos, out = 0, []
-    for _ in range(count):
-        if pos + _LENGTH.size > len(section):
-            raise FrameError("truncated", f"record {len(out)} has no length")
-        (length,) = _LENGTH.unpack_from(section, pos)
-        _check_length(length, _HEADER.size + pos, max_record, max_frame)
-        pos += _LENGTH.size
-        if pos + length > len(section):
-            raise FrameError("truncated", f"record {len(out)} is cut short")
-        out.append(bytes(section[pos : pos + length]))
-        pos += length
-    if pos != len(section):
-        raise FrameError("trailing_bytes", f"{len(section) - pos} bytes after the last record")
-    return out
-
-
-def decode_frame(data: bytes, *, max_records: int, max_record_bytes: int, max_frame_bytes: int) -> list[bytes]:
-    """The envelopes of a complete frame held in memory. Raises FrameError for any bad input."""
-    if len(data) > max_frame_bytes:
-        raise FrameError("frame_too_large", f"{len(data)} > {max_frame_bytes}")
-    if len(data) < _HEADER.size:
-        raise FrameError("truncated", "no header")
-    compressed, count = _check_header(data[: _HEADER.size], max_records)
-    section = data[_HEADER.size :]
-    if compressed:
-        if len(section) < _LENGTH.size:
-            raise FrameError("truncated", "no compressed length")
-        (packed_len,) = _LENGTH.unpack_from(section)
-        _check_packed_length(packed_len, max_frame_bytes)
-        packed = section[_LENGTH.size :]
-        if len(packed) < packed_len:
-            raise FrameError("truncated", "the compressed records are cut short")
-        if len(packed) > packed_len:
-            raise FrameError("trailing_bytes", f"{len(packed) - packed_len} bytes after the compressed records")
-        section = _inflate(packed, max_frame_bytes - _HEADER.size)
-    return _parse_records(section, count, max_record_bytes, max_frame_bytes)
-
-
 async def read_frame(
     reader: asyncio.StreamReader,
     *,
@@ -297,20 +149,20 @@ async def read_frame(
     """
     try:
         if header is None:
-            header = await reader.readexactly(_HEADER.size)
-        compressed, count = _check_header(header, max_records)
+            header = await reader.readexactly(HEADER_SIZE)
+        compressed, count = check_header(header, max_records)
         if compressed:
-            (packed_len,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-            _check_packed_length(packed_len, max_frame_bytes)
+            packed_len = unpack_length(await reader.readexactly(LENGTH_SIZE))
+            check_packed_length(packed_len, max_frame_bytes)
             packed = await reader.readexactly(packed_len)
-            section = _inflate(packed, max_frame_bytes - _HEADER.size)
-            return _parse_records(section, count, max_record_bytes, max_frame_bytes), _HEADER.size + _LENGTH.size + packed_len
-        total, out = _HEADER.size, []
+            section = inflate(packed, max_frame_bytes - HEADER_SIZE)
+            return parse_records(section, count, max_record_bytes, max_frame_bytes), HEADER_SIZE + LENGTH_SIZE + packed_len
+        total, out = HEADER_SIZE, []
         for _ in range(count):
-            (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-            _check_length(length, total, max_record_bytes, max_frame_bytes)
+            length = unpack_length(await reader.readexactly(LENGTH_SIZE))
+            check_length(length, total, max_record_bytes, max_frame_bytes)
             out.append(await reader.readexactly(length))
-            total += _LENGTH.size + length
+            total += LENGTH_SIZE + length
     except asyncio.IncompleteReadError as e:
         raise FrameError("truncated", f"stream ended after {len(e.partial)} of {e.expected} bytes") from None
     return out, total
