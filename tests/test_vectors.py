@@ -6,21 +6,32 @@
 - Every case in decoding.json decodes to its fields or fails with its named error.
 - certificate.json: the commit certificate blob built from its votes is exactly its bytes, hashes
   to the id its commit names, and opens back to those votes.
+- object_stream.json: every request and response header encodes to its bytes and decodes to its
+  fields (and says whether the stream stays open); the whole exchange is a request and the bytes
+  from its offset, of a blob that hashes to its oid; bad requests and responses are refused.
+- record_frame.json: each frame encodes from its envelopes (a compressed one inflates to the same
+  records: deflate's bytes may differ between zlib builds) and decodes back to them, each a signed
+  record that opens; every malformed frame fails with its FrameError reason.
 - Every message type has a vector file, and the files match what scripts/gen_vectors writes.
 - SPEC.md names every message type, every field and every size limit.
+- SPEC.md names every stream status, frame error reason, magic and protocol id.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 
 from p2pmodel.protocols import errors
 from p2pmodel.protocols import messages as m
+from p2pmodel.protocols import record_frame as rf
+from p2pmodel.protocols import stream
 from p2pmodel.protocols.signing import PeerIdentity, open_signed, sign
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +132,94 @@ def test_the_certificate_vector_is_the_blob_its_commit_names():
     assert certify(commit, blob).certificate == tuple(votes)
 
 
+# --- the object stream ----------------------------------------------------------------------
+
+OBJECT = load("object_stream.json")
+RECORDS = load("record_frame.json")
+
+
+def test_the_object_stream_constants_match_the_vector():
+    assert (OBJECT["protocol"], OBJECT["magic_hex"]) == (stream.OBJECT_PROTOCOL, stream.MAGIC.hex())
+    assert (OBJECT["request_size"], OBJECT["response_size"]) == (stream.REQUEST_SIZE, stream.RESPONSE_SIZE)
+    assert OBJECT["statuses"] == {s.name: int(s) for s in stream.ObjectStatus}
+
+
+@pytest.mark.parametrize("v", OBJECT["requests"], ids=lambda v: v["name"])
+def test_an_object_request_encodes_to_its_bytes_and_decodes_to_its_fields(v):
+    oid = bytes.fromhex(v["oid"])
+    assert stream.encode_request(oid, v["offset"]).hex() == v["hex"]
+    assert stream.decode_request(bytes.fromhex(v["hex"])) == (oid, v["offset"])
+
+
+@pytest.mark.parametrize("v", OBJECT["responses"], ids=lambda v: v["name"])
+def test_an_object_response_header_encodes_to_its_bytes_and_decodes_to_its_fields(v):
+    status = stream.ObjectStatus[v["status"]]
+    assert stream.encode_response(status, v["total"]).hex() == v["hex"]
+    assert stream.decode_response(bytes.fromhex(v["hex"])) == (status, v["total"])
+    assert stream.keeps_stream_open(status) is v["keeps_stream_open"]
+
+
+def test_the_object_exchange_is_a_request_and_the_blob_from_its_offset():
+    x = OBJECT["exchange"]
+    blob, oid = bytes.fromhex(x["blob_hex"]), bytes.fromhex(x["oid"])
+    assert hashlib.sha256(blob).digest() == oid
+    assert stream.decode_request(bytes.fromhex(x["request_hex"])) == (oid, x["offset"])
+    response = bytes.fromhex(x["response_hex"])
+    header, body = response[: stream.RESPONSE_SIZE], response[stream.RESPONSE_SIZE :]
+    assert stream.decode_response(header) == (stream.ObjectStatus.OK, len(blob))
+    assert body == blob[x["offset"] :]
+
+
+@pytest.mark.parametrize(
+    "read, v",
+    [(stream.decode_request, v) for v in OBJECT["bad_requests"]]
+    + [(stream.decode_response, v) for v in OBJECT["bad_responses"]],
+    ids=lambda x: x["name"] if isinstance(x, dict) else x.__name__,
+)
+def test_bad_object_stream_bytes_are_refused_with_their_error(read, v):
+    with pytest.raises(getattr(stream, v["error"])):
+        read(bytes.fromhex(v["hex"]))
+
+
+# --- the record push stream ---------------------------------------------------------------
+
+
+def test_the_record_frame_constants_match_the_vector():
+    assert (RECORDS["protocol"], RECORDS["magic_hex"]) == (rf.RECORD_PROTOCOL, rf.MAGIC.hex())
+    assert RECORDS["compressed_flag"] == rf.COMPRESSED
+    assert RECORDS["statuses"] == {s.name: int(s) for s in rf.PushStatus}
+
+
+def _section(frame: bytes) -> bytes:
+    """The uncompressed records of a frame (what a compressed one inflates to)."""
+    body = frame[rf.HEADER_SIZE :]
+    return zlib.decompress(body[rf.LENGTH_SIZE :]) if frame[8] & rf.COMPRESSED else body
+
+
+@pytest.mark.parametrize("v", RECORDS["frames"], ids=lambda v: v["name"])
+def test_a_record_frame_encodes_from_its_envelopes(v):
+    envelopes = [bytes.fromhex(e) for e in v["envelopes_hex"]]
+    got, want = rf.encode_frame(envelopes, compress=v["compress"]), bytes.fromhex(v["hex"])
+    assert got[: rf.HEADER_SIZE] == want[: rf.HEADER_SIZE] and got[8] == v["flags"]
+    assert _section(got) == _section(want)
+    if not v["flags"] & rf.COMPRESSED:
+        assert got == want
+
+
+@pytest.mark.parametrize("v", RECORDS["frames"], ids=lambda v: v["name"])
+def test_a_record_frame_decodes_to_signed_records(v):
+    envelopes = rf.decode_frame(bytes.fromhex(v["hex"]), **RECORDS["node_bounds"])
+    assert [e.hex() for e in envelopes] == v["envelopes_hex"]
+    assert all(open_signed(e) for e in envelopes)
+
+
+@pytest.mark.parametrize("v", RECORDS["malformed"], ids=lambda v: v["name"])
+def test_a_malformed_record_frame_fails_with_its_reason(v):
+    with pytest.raises(rf.FrameError) as e:
+        rf.decode_frame(bytes.fromhex(v["hex"]), **RECORDS["malformed_bounds"])
+    assert e.value.reason == v["reason"]
+
+
 def test_the_vector_files_are_what_the_generator_writes():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_vectors"), "--check"], capture_output=True, text=True, timeout=60
@@ -134,3 +233,11 @@ def test_the_spec_names_every_message_type_field_and_limit():
     missing += [f"{t}.{f}" for t, cls in m.MESSAGE_TYPES.items() for f in m.schema_of(cls) if f"`{f}`" not in spec]
     missing += [f"LIMITS[{t}]={n}" for t, n in m.LIMITS.items() if str(n) not in spec]
     assert missing == []
+
+
+def test_the_spec_names_every_stream_status_and_frame_error_reason():
+    spec = (ROOT / "protocols" / "SPEC.md").read_text()
+    names = [s.name for s in stream.ObjectStatus] + [s.name for s in rf.PushStatus]
+    names += sorted({v["reason"] for v in RECORDS["malformed"]})
+    names += [stream.MAGIC.decode(), rf.MAGIC.decode(), stream.OBJECT_PROTOCOL, rf.RECORD_PROTOCOL]
+    assert [n for n in names if n not in spec] == []
