@@ -14,8 +14,9 @@ bytes knows exactly where to resume (a new request from that offset), and verifi
 against its oid. Why reuse: opening a libp2p stream costs about 1 kB on the wire, and a round
 fetches a delta from each peer (scripts/bench_control).
 
-The gossip of signed records (`daemon/gossip.py`, `/p2pmodel/records/2`) is the other stream
-protocol; its frames are described there. protocols/SPEC.md describes both.
+The push of signed records (`/p2pmodel/records/2`: frames in `record_frame.py`, moved by
+`daemon/gossip.py`) is the other stream protocol. protocols/SPEC.md section 6 describes both, and
+protocols/vectors/ pins their bytes (`object_stream.json`, `record_frame.json`).
 """
 
 from __future__ import annotations
