@@ -49,7 +49,7 @@ class RetentionPolicy:
     """How many versions keep their tensors. `keep_last=0` turns retention off (keep all)."""
 
     keep_last: int = 16  # versions, newest first, kept whole on every branch and tag (0: all; else >= 2)
-    keep_every: int = 100  # rounds: a round's version with round % keep_every == 0 stays whole (0: none)
+    keep_every: int = 1000  # rounds: a round's version with round % keep_every == 0 stays whole (0: none)
 
     def __post_init__(self) -> None:
         if self.keep_last < 0 or self.keep_last == 1:
