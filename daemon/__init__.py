@@ -2,8 +2,10 @@
 
 Map:
 
-- `transport.py` — hivemind DHT records (`publish`/`fetch`) and libp2p object streams
-  (`rpc_get_object`/`call_fetch`, resumable, hash-verified); byte counters per message type.
+- `transport.py` — hivemind DHT records (`publish`/`fetch`), p2pd's lifecycle, stream handlers,
+  connections; byte counters per message type. It inherits `object_streams.py` (libp2p object
+  streams: `rpc_get_object`/`call_fetch`, resumable, hash-verified, streams reused) and
+  re-exports `transport_errors.py`; `addresses.py` turns multiaddrs into what p2pd dials.
 - `reachability.py` — who can dial this node: public (relays for others), private (behind NAT:
   reserves a relay slot, announces the circuit address) or local; `--reachability auto` decides.
 - `node.py`      — `Node`: opens home, lineage, transport, trainer and status API; one supervisor

@@ -7,10 +7,10 @@ Two channels, sized differently on purpose:
   our own signed bytes; hivemind sees them as opaque `bytes`. A `RecordValidator` (hivemind's
   `RecordValidatorBase` hook) rejects oversized or unverifiable values when another peer asks us
   to store them *and* when a search returns them, so garbage never reaches the node.
-- **Object streams** (`rpc_get_object` / `call_fetch`): content-addressed blobs (encoded deltas,
-  version records, tensor objects) served by sha256 over a libp2p stream, from any byte offset.
-  A cut stream is resumed from the last byte received; the whole blob is verified against its
-  hash before it is returned. Nothing large ever goes into the DHT.
+- **Object streams** (`rpc_get_object` / `call_fetch`, in `daemon/object_streams.py`, which
+  `Transport` inherits): content-addressed blobs (encoded deltas, version records, tensor
+  objects) served by sha256 over a libp2p stream, from any byte offset, verified against their
+  hash. Nothing large ever goes into the DHT.
 
 Departure from the brief: the DHT runs as a `DHTNode` *in this process's event loop* instead of
 hivemind's `DHT` (a forked process reached through `MPFuture` pipes). The node process holds
@@ -18,22 +18,14 @@ torch and a training thread; forking it is fragile, and the pipe protocol adds a
 loop and a pickle channel for no gain at our record rates. The `P2P` handle is the DHT node's own
 (`node.p2p`), so streams and DHT share one go-libp2p daemon (`p2pd`), as `replicate_p2p` would.
 
-The object stream's wire format is `protocols/stream.py` (pure framing); this module only moves
-its bytes. The blob bytes are written in `chunk_size` pieces. A stream serves requests one after
-another: a fetcher keeps up to `max_idle_streams_per_peer` open streams per peer for its next
-fetch (a new libp2p stream costs about 1 kB on the wire), and a server closes a stream idle for
-`stream_keepalive` seconds or past `max_open_streams`. A pooled stream the server already closed
-is replaced by a new one for the same request.
-
-Why one long file: the DHT records, the object stream and its resumable client share one p2pd and one
-set of limits and counters; the object stream (server + client) is the seam to split next.
+Around it: `transport_errors.py` (the errors, re-exported here), `addresses.py` (multiaddrs as
+p2pd takes them, relay circuits included), `reachability.py` (the relay role p2pd starts in).
+What stays here: the DHT node and p2pd's lifecycle, records, stream handlers and connections.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable, Sequence
@@ -44,22 +36,26 @@ from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
+from p2pmodel.daemon.addresses import as_peer_id, dialable_maddrs
 from p2pmodel.daemon.logs import get_logger
+from p2pmodel.daemon.object_streams import BlobSource, ObjectStreams, object_id
 from p2pmodel.daemon.reachability import RelayPlan, relays_in
+from p2pmodel.daemon.transport_errors import (
+    BadResponse,
+    DHTTimeout,
+    FetchError,
+    FetchTimeout,
+    HashMismatch,
+    ObjectNotFound,
+    ObjectTooLarge,
+    PeerUnreachable,
+    RecordRejected,
+    StreamOpenError,
+    TransportError,
+)
 from p2pmodel.errors import P2PModelError
 from p2pmodel.peers import reachability
-from p2pmodel.protocols.stream import (
-    OBJECT_PROTOCOL,
-    REQUEST_SIZE,
-    RESPONSE_SIZE,
-    ObjectStatus,
-    StreamFormatError,
-    decode_request,
-    decode_response,
-    encode_request,
-    encode_response,
-    keeps_stream_open,
-)
+from p2pmodel.protocols.stream import OBJECT_PROTOCOL, ObjectStatus
 
 __all__ = [
     "Transport",
@@ -79,6 +75,7 @@ __all__ = [
     "PeerUnreachable",
     "StreamOpenError",
     "StreamHandler",
+    "BlobSource",
     "dialable_maddrs",
     "object_id",
     "dht_time",
@@ -87,95 +84,6 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
-
-
-
-# ----------------------------------------------------------------------------------------- errors
-
-
-class TransportError(P2PModelError):
-    """Base of errors raised while talking to other peers."""
-
-
-class RecordRejected(TransportError):
-    """We refused to publish a record that our own validator (or the size limit) rejects."""
-
-    def __init__(self, key: str, size: int, reason: str):
-        self.key, self.size, self.reason = key, size, reason
-        super().__init__(f"record for {key!r} ({size} bytes) rejected: {reason}")
-
-
-class DHTTimeout(TransportError):
-    """A DHT read or write did not finish within its time bound."""
-
-    def __init__(self, operation: str, key: str, timeout: float):
-        self.operation, self.key, self.timeout = operation, key, timeout
-        super().__init__(f"DHT {operation} of {key!r} took longer than {timeout:.1f}s")
-
-
-class FetchError(TransportError):
-    """Fetching an object from a peer failed. `peer` is the libp2p peer id (base58)."""
-
-    def __init__(self, peer: str, oid: str, reason: str):
-        self.peer, self.oid, self.reason = peer, oid, reason
-        super().__init__(f"fetching object {oid[:12]} from {peer[:16]}…: {reason}")
-
-
-class ObjectNotFound(FetchError):
-    """The peer does not hold (or no longer serves) the object."""
-
-    def __init__(self, peer: str, oid: str):
-        super().__init__(peer, oid, "the peer does not have it")
-
-
-class ObjectTooLarge(FetchError):
-    """The peer announced a size above our limit or different from the one we expected."""
-
-    def __init__(self, peer: str, oid: str, size: int, limit: int, expected: int | None = None):
-        self.size, self.limit, self.expected = size, limit, expected
-        if expected is not None and size != expected:
-            reason = f"size {size} differs from the announced {expected}"
-        else:
-            reason = f"size {size} exceeds the limit of {limit} bytes"
-        super().__init__(peer, oid, reason)
-
-
-class HashMismatch(FetchError):
-    """The bytes received do not hash to the requested id: the peer sent corrupt or forged data."""
-
-    def __init__(self, peer: str, oid: str, got: str):
-        self.got = got
-        super().__init__(peer, oid, f"data hashes to {got[:12]}, not to the requested id")
-
-
-class BadResponse(FetchError):
-    """The peer broke the stream protocol (bad status byte, size changing between attempts)."""
-
-
-class PeerUnreachable(FetchError):
-    """Several attempts in a row got no byte from the peer (it is gone, or p2pd cannot reach it)."""
-
-    def __init__(self, peer: str, oid: str, attempts: int, last: str):
-        self.attempts = attempts
-        super().__init__(peer, oid, f"unreachable: {attempts} attempts without a byte ({last})")
-
-
-class FetchTimeout(FetchError):
-    """The deadline passed before the whole object arrived; `received` bytes had arrived."""
-
-    def __init__(self, peer: str, oid: str, timeout: float, received: int, attempts: int, last: str):
-        self.timeout, self.received, self.attempts = timeout, received, attempts
-        super().__init__(
-            peer, oid, f"gave up after {timeout:.1f}s and {attempts} attempts with {received} bytes ({last})"
-        )
-
-
-class StreamOpenError(TransportError):
-    """p2pd could not open a stream to `peer` for `protocol` (unreachable, or no such handler)."""
-
-    def __init__(self, peer: str, protocol: str, reason: str):
-        self.peer, self.protocol, self.reason = peer, protocol, reason
-        super().__init__(f"opening {protocol} to {peer[:16]}…: {reason}")
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -235,11 +143,6 @@ class ByteCounters:
         }
 
 
-def object_id(data: bytes | bytearray | memoryview) -> str:
-    """The content address of a blob: sha256 hex of its bytes."""
-    return hashlib.sha256(data).hexdigest()
-
-
 def dht_time() -> float:
     """hivemind's notion of now (unix seconds); DHT expirations are absolute in this clock."""
     return get_dht_time()
@@ -294,14 +197,11 @@ class RecordValidator(RecordValidatorBase):
 StreamHandler = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 """handler(stream info (has .peer_id: the remote's authenticated libp2p id), reader, writer)."""
 
-BlobSource = Callable[[str], "bytes | None"]
-"""source(oid) -> the blob's bytes, or None. Called in a worker thread: it may read disk and hash."""
-
 
 # ------------------------------------------------------------------------------------ transport
 
 
-class Transport:
+class Transport(ObjectStreams):
     """One peer's connection to the swarm: a hivemind DHT node plus object streams on its p2pd.
 
     Build with `await Transport.create(...)`; close with `await transport.shutdown()`.
@@ -314,16 +214,8 @@ class Transport:
         self.limits = _limits
         self.counters = ByteCounters()
         self.peer_id: PeerID = _node.peer_id
-        self._blobs: dict[str, tuple[bytes, str]] = {}  # oid -> (data, kind), served from memory
-        self._sources: list[tuple[BlobSource, str]] = []  # fallbacks, e.g. the lineage store
-        self._serving = 0
-        self._open_streams = 0  # object streams we serve, idle or not
-        self.object_streams_opened = 0  # object streams we opened as a fetcher
-        self._idle_streams: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]]] = {}
+        self._init_object_streams()
         self._handlers: set[str] = {OBJECT_PROTOCOL}  # stream protocols we registered with p2pd
-        # Private events: serve objects only to libp2p peers this says yes to (None: anyone).
-        self.serve_only: Callable[[str], bool] | None = None
-        self.refused_streams = 0
         self._batch: list[_PendingStore] = []  # stores published together, sent as one request per node
         self.relay_plan = RelayPlan("local", "not set")  # the role p2pd was started in (daemon/reachability.py)
         self._visible: list[str] = []  # our multiaddrs as p2pd last reported them
@@ -474,7 +366,7 @@ class Transport:
             TransportError: none of the addresses is usable, or p2pd could not connect.
         """
         try:
-            peer_id = _peer(peer)
+            peer_id = as_peer_id(peer)
         except ValueError as e:  # an id from a record is untrusted text
             raise TransportError(f"not a libp2p peer id: {str(peer)[:64]!r}") from e
         maddrs = [str(m) for m in maddrs]
@@ -511,7 +403,7 @@ class Transport:
         Raises:
             StreamOpenError: p2pd could not reach the peer or it does not serve `protocol`.
         """
-        peer_id = _peer(peer)
+        peer_id = as_peer_id(peer)
         try:
             _, reader, writer = await self._p2p.call_binary_stream_handler(peer_id, protocol)
         except (P2PDaemonError, P2PHandlerError, ConnectionError, OSError) as e:
@@ -654,282 +546,6 @@ class Transport:
             out[key] = records
         return out
 
-    # ---------------------------------------------------------------------------------- objects
-
-    def put_blob(self, data: bytes, *, kind: str = "object") -> str:
-        """Serve `data` from memory under its sha256; returns the object id."""
-        oid = object_id(data)
-        self._blobs[oid] = (bytes(data), kind)
-        return oid
-
-    def drop_blob(self, oid: str) -> None:
-        """Stop serving an in-memory blob (no-op when absent)."""
-        self._blobs.pop(oid, None)
-
-    def add_source(self, source: BlobSource, *, kind: str = "object") -> None:
-        """Also serve objects that `source(oid)` returns (consulted after the in-memory blobs)."""
-        self._sources.append((source, kind))
-
-    async def _lookup(self, oid: str) -> tuple[bytes, str] | None:
-        held = self._blobs.get(oid)
-        if held is not None:
-            return held
-        for source, kind in self._sources:
-            # sources read disk and verify hashes: keep that off the event loop
-            data = await asyncio.to_thread(source, oid)
-            if data is not None:
-                return data, kind
-        return None
-
-    async def rpc_get_object(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve object requests on one stream, one at a time, until the fetcher closes it, it idles
-        past `stream_keepalive`, or a response closes it (see `protocols.stream`)."""
-        self._open_streams += 1
-        try:
-            wait = self.limits.request_timeout
-            while not self._closed:
-                try:
-                    frame = await asyncio.wait_for(reader.readexactly(REQUEST_SIZE), wait)
-                except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
-                    return
-                if not await self._serve_request(info, frame, writer) or writer.is_closing():
-                    return
-                if self._open_streams > self.limits.max_open_streams:
-                    return
-                wait = self.limits.stream_keepalive
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the reader went away; it will resume from what it got
-        finally:
-            self._open_streams -= 1
-            writer.close()
-
-    async def _serve_request(self, info, frame: bytes, writer: asyncio.StreamWriter) -> bool:
-        """Answer one request: bytes [offset, end) of the blob it names. True: the stream stays open."""
-        if self.serve_only is not None and not self.serve_only(str(getattr(info, "peer_id", ""))):
-            self.refused_streams += 1
-            writer.write(encode_response(ObjectStatus.NOT_FOUND))  # say nothing of what we hold
-            return False
-        try:
-            raw_oid, offset = decode_request(frame)
-        except StreamFormatError:
-            writer.write(encode_response(ObjectStatus.BAD_REQUEST))
-            return False
-        if self._serving >= self.limits.max_concurrent_serves:
-            writer.write(encode_response(ObjectStatus.BUSY))
-            return False
-        self._serving += 1
-        try:
-            found = await self._lookup(raw_oid.hex())
-            if found is None:
-                status, total = ObjectStatus.NOT_FOUND, 0
-                writer.write(encode_response(status))
-            else:
-                data, kind = found
-                if offset > len(data):
-                    writer.write(encode_response(ObjectStatus.BAD_OFFSET, len(data)))
-                    return False
-                status, total = ObjectStatus.OK, len(data)
-                writer.write(encode_response(status, total))
-                sent = await self._send_range(writer, data, offset, kind)
-                self.counters.sent(kind, sent)
-        finally:
-            self._serving -= 1
-        if not writer.is_closing():
-            await writer.drain()
-        return keeps_stream_open(status)
-
-    async def _send_range(self, writer: asyncio.StreamWriter, data: bytes, offset: int, kind: str) -> int:
-        """Write data[offset:] in chunks; returns the bytes written. Fault-injection tests override it."""
-        view = memoryview(data)
-        step = self.limits.chunk_size
-        for start in range(offset, len(data), step):
-            writer.write(view[start : start + step])
-            await writer.drain()
-        return len(data) - offset
-
-    async def call_fetch(
-        self,
-        peer: PeerID | str,
-        oid: str,
-        *,
-        max_size: int,
-        expected_size: int | None = None,
-        timeout: float | None = None,
-        kind: str = "object",
-    ) -> bytes:
-        """Fetch object `oid` from `peer`, resuming after cut streams, and verify its hash.
-
-        Args:
-            peer: the serving peer's libp2p id.
-            oid: sha256 hex of the object.
-            max_size: refuse objects larger than this many bytes.
-            expected_size: refuse an object whose size differs (from its announcement).
-            timeout: overall deadline in seconds (default `limits.fetch_timeout`).
-            kind: the message type its bytes are counted under.
-
-        Returns:
-            The object's bytes, whose sha256 is `oid`.
-
-        Raises:
-            ObjectNotFound, ObjectTooLarge, HashMismatch, BadResponse: not retried.
-            PeerUnreachable: `max_stalled_attempts` attempts in a row brought no byte.
-            FetchTimeout: the deadline passed (after retries with backoff).
-        """
-        peer_id = _peer(peer)
-        peer_name = peer_id.to_base58()
-        raw_oid = _raw_oid(peer_name, oid)
-        timeout = self.limits.fetch_timeout if timeout is None else timeout
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        state = _FetchState(hashlib.sha256(), bytearray(), None)
-        attempts, stalled, backoff, last = 0, 0, self.limits.retry_backoff, "no attempt"
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise FetchTimeout(peer_name, oid, timeout, len(state.buf), attempts, last)
-            attempts += 1
-            before = len(state.buf)
-            try:
-                done = await asyncio.wait_for(
-                    self._fetch_attempt(peer_id, peer_name, oid, raw_oid, state, max_size, expected_size, kind),
-                    remaining,
-                )
-            except asyncio.TimeoutError:
-                raise FetchTimeout(peer_name, oid, timeout, len(state.buf), attempts, "deadline") from None
-            except (ConnectionError, OSError, P2PDaemonError, P2PHandlerError, asyncio.IncompleteReadError) as e:
-                done, last = False, f"{type(e).__name__}: {e}"
-            except _Busy:
-                done, last = False, "peer busy"
-            if done:
-                break
-            if len(state.buf) > before:
-                stalled, backoff = 0, self.limits.retry_backoff  # progress: the link works, retry soon
-            else:
-                stalled += 1
-                if stalled >= self.limits.max_stalled_attempts:
-                    raise PeerUnreachable(peer_name, oid, attempts, last)
-            logger.debug("fetch retry", oid=oid[:12], peer=peer_name[:16], offset=len(state.buf), why=last)
-            await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
-            backoff = min(backoff * 2, self.limits.max_retry_backoff)
-        got = state.hasher.hexdigest()
-        if got != oid:
-            raise HashMismatch(peer_name, oid, got)
-        return bytes(state.buf)
-
-    async def _fetch_attempt(
-        self,
-        peer_id: PeerID,
-        peer_name: str,
-        oid: str,
-        raw_oid: bytes,
-        state: "_FetchState",
-        max_size: int,
-        expected_size: int | None,
-        kind: str,
-    ) -> bool:
-        """One request from the current offset, on a pooled stream or a new one. True when complete."""
-        while True:
-            pooled = self._pooled_stream(peer_name)
-            if pooled is None:
-                _, reader, writer = await self._p2p.call_binary_stream_handler(peer_id, OBJECT_PROTOCOL)
-                self.object_streams_opened += 1
-            else:
-                reader, writer = pooled
-            keep = False
-            try:
-                writer.write(encode_request(raw_oid, len(state.buf)))
-                await writer.drain()
-                try:
-                    header = await asyncio.wait_for(reader.readexactly(RESPONSE_SIZE), self.limits.stream_idle_timeout)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    if pooled is not None:
-                        continue  # the server closed that stream while it idled: ask on a new one
-                    raise
-                try:
-                    status, total = decode_response(header)
-                except StreamFormatError as e:
-                    raise BadResponse(peer_name, oid, str(e)) from None
-                if status is ObjectStatus.NOT_FOUND:
-                    keep = True
-                    raise ObjectNotFound(peer_name, oid)
-                if status is ObjectStatus.BUSY:
-                    raise _Busy()
-                if status is not ObjectStatus.OK:
-                    raise BadResponse(peer_name, oid, f"peer answered {status.name} at offset {len(state.buf)}")
-                if total > max_size or (expected_size is not None and total != expected_size):
-                    raise ObjectTooLarge(peer_name, oid, total, max_size, expected_size)
-                if state.total is not None and total != state.total:
-                    raise BadResponse(peer_name, oid, f"size changed from {state.total} to {total} between attempts")
-                state.total = total
-                while len(state.buf) < total:
-                    chunk = await asyncio.wait_for(
-                        reader.read(min(self.limits.chunk_size, total - len(state.buf))), self.limits.stream_idle_timeout
-                    )
-                    if not chunk:
-                        raise ConnectionError(f"stream cut at byte {len(state.buf)} of {total}")
-                    state.buf += chunk
-                    state.hasher.update(chunk)
-                    self.counters.received(kind, len(chunk))
-                keep = True
-                return True
-            finally:
-                if keep:
-                    self._pool_stream(peer_name, reader, writer)
-                else:
-                    writer.close()
-
-    def _pooled_stream(self, peer: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        """An idle object stream to `peer` the server should still hold open, or None."""
-        idle = self._idle_streams.get(peer)
-        fresh_after = time.monotonic() - 0.9 * self.limits.stream_keepalive  # else the server may be closing it
-        while idle:
-            reader, writer, since = idle.pop()
-            if since >= fresh_after and not writer.is_closing() and not reader.at_eof():
-                return reader, writer
-            writer.close()
-        self._idle_streams.pop(peer, None)
-        return None
-
-    def _pool_stream(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        idle = self._idle_streams.setdefault(peer, [])
-        if self._closed or writer.is_closing() or len(idle) >= self.limits.max_idle_streams_per_peer:
-            writer.close()
-            return
-        idle.append((reader, writer, time.monotonic()))
-
-    async def fetch_from_any(
-        self,
-        peers: Sequence[PeerID | str],
-        oid: str,
-        *,
-        max_size: int,
-        expected_size: int | None = None,
-        timeout: float | None = None,
-        kind: str = "object",
-    ) -> bytes:
-        """Try `peers` in order until one serves a verified copy of `oid`.
-
-        Raises:
-            FetchError: the last peer's error when none succeeded (ObjectNotFound when none had it).
-        """
-        if not peers:
-            raise ObjectNotFound("<no peers>", oid)
-        timeout = self.limits.fetch_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        error: FetchError | None = None
-        for peer in peers:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                return await self.call_fetch(
-                    peer, oid, max_size=max_size, expected_size=expected_size, timeout=remaining, kind=kind
-                )
-            except FetchError as e:
-                logger.info("object fetch failed, trying next peer", oid=oid[:12], error=str(e))
-                error = e
-        raise error if error is not None else FetchTimeout("<all peers>", oid, timeout, 0, 0, "deadline")
-
     # ---------------------------------------------------------------------------------- lifecycle
 
     async def shutdown(self, timeout: float = 5.0) -> None:
@@ -946,10 +562,7 @@ class Transport:
         self._closed = True
         if self._watch is not None:
             self._watch.cancel()
-        for idle in self._idle_streams.values():
-            for _, writer, _ in idle:
-                writer.close()
-        self._idle_streams.clear()
+        self._close_object_streams()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._node.is_alive = False  # ends hivemind's routing-table refresh loop
@@ -998,82 +611,6 @@ class _PendingStore:
     done: asyncio.Future  # resolves to True when at least one other node accepted it
 
 
-@dataclass
-class _FetchState:
-    hasher: "hashlib._Hash"
-    buf: bytearray
-    total: int | None
-
-
-class _Busy(Exception):
-    """The server answered BUSY: retry after the backoff."""
-
-
-def dialable_maddrs(peer: str, maddrs: Iterable[str]) -> list:
-    """The addresses of `peer` (base58 libp2p id) in the form p2pd's CONNECT accepts.
-
-    Announced addresses end in `/p2p/<peer>` (what `visible_maddrs` returns and `--peers` takes).
-    p2pd wants them without it: the peer id travels in its own field. A relay circuit address
-    (`.../p2p/<relay>/p2p-circuit/p2p/<peer>`) keeps its relay's `/p2p/` part; hivemind's
-    multiaddr codec encodes that part in a form go-multiaddr cannot parse ("length greater than
-    remaining number of bytes in buffer" fails the whole request), so these addresses are
-    encoded here (`_WireMaddr`). An address naming another peer, a circuit through the peer
-    itself, or one that does not parse is left out.
-    """
-    from hivemind.utils.multiaddr import Multiaddr
-
-    out = []
-    for text in maddrs:
-        text = str(text).strip()
-        base, sep, tail = text.rpartition("/p2p/")
-        if sep and "/" not in tail.rstrip("/"):  # the `/p2p/<id>` suffix (a relay's has more after it)
-            if tail.strip("/") != peer:
-                continue
-            text = base
-        if not text or text.endswith(f"/p2p/{peer}/p2p-circuit"):
-            continue
-        circuit = text.endswith("/p2p-circuit") and text.count("/p2p/") == 1
-        if ("/p2p/" in text or "/p2p-circuit" in text) and not circuit:
-            continue
-        try:
-            out.append(_WireMaddr(text) if circuit else Multiaddr(text))
-        except Exception:  # hivemind's parser raises assorted errors for garbage; skip the address
-            continue
-    return out
-
-
-class _WireMaddr:
-    """A multiaddr holding a `/p2p/<id>` part, encoded as go-multiaddr does: the part is the
-    protocol code 421, a length, and the id's multihash (hivemind writes a CIDv1 there)."""
-
-    def __init__(self, text: str):
-        from hivemind.utils.multiaddr import Multiaddr
-
-        data = b""
-        for proto, value in Multiaddr(text).items():  # parses (or raises) the whole text
-            if proto.name == "p2p":
-                raw = PeerID.from_base58(value).to_bytes()
-                data += _uvarint(proto.code) + _uvarint(len(raw)) + raw
-            else:
-                data += Multiaddr(f"/{proto.name}" + (f"/{value}" if value is not None else "")).to_bytes()
-        self.text, self.data = text, data
-
-    def to_bytes(self) -> bytes:  # what hivemind's p2pd client calls
-        return self.data
-
-    def __str__(self) -> str:
-        return self.text
-
-
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _p2p_class(flags: dict) -> type[P2P]:
     """hivemind's P2P starting p2pd with `flags` added (flags its `create` has no parameter for)."""
 
@@ -1088,20 +625,6 @@ def _p2p_class(flags: dict) -> type[P2P]:
 async def _shutdown_p2p(p2p: P2P | None) -> None:
     if p2p is not None:
         await p2p.shutdown()
-
-
-def _peer(peer: PeerID | str) -> PeerID:
-    return peer if isinstance(peer, PeerID) else PeerID.from_base58(peer)
-
-
-def _raw_oid(peer: str, oid: str) -> bytes:
-    try:
-        raw = bytes.fromhex(oid)
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise FetchError(peer, oid, "object ids are 64 hex characters (sha256)")
-    return raw
 
 
 def expiration_in(seconds: float) -> float:
