@@ -19,7 +19,7 @@ from p2pmodel.daemon.logs import get_logger
 from p2pmodel.errors import P2PModelError
 from p2pmodel.protocols.signing import PeerIdentity
 
-__all__ = ["KeyFileError", "load_identity", "save_identity"]
+__all__ = ["KeyFileError", "load_identity", "save_identity", "load_or_create_identity"]
 
 logger = get_logger(__name__)
 
@@ -77,3 +77,12 @@ def save_identity(identity: PeerIdentity, path: str | os.PathLike, *, overwrite:
         atomic_write(path, pem, mode=0o600)
     except OSError as e:
         raise KeyFileError(str(path), e.strerror or str(e)) from None
+
+
+def load_or_create_identity(path: str | os.PathLike) -> PeerIdentity:
+    """The identity in `path`, or a new one saved there (a node's first start)."""
+    if Path(path).exists():
+        return load_identity(path)
+    identity = PeerIdentity.generate()
+    save_identity(identity, path)
+    return identity

@@ -54,6 +54,7 @@ from p2pmodel.daemon.config import (
     event_from_mapping,
     load_event,
 )
+from p2pmodel.daemon.identity import load_or_create_identity
 from p2pmodel.daemon.joining import MODEL_FOLDER, fetch_event, peer_ids_of, task_options
 from p2pmodel.daemon.logs import get_logger
 from p2pmodel.daemon.status import LagMonitor, StatusServer, StatusUnavailable
@@ -116,14 +117,6 @@ def seed_version(store: LineageStore, task: Task, event: EventConfig) -> str:
         files={"event.json": event.to_json().encode()},
     )
     return version.id
-
-
-def _load_identity(path: Path) -> PeerIdentity:
-    if path.exists():
-        return PeerIdentity.load(path)
-    identity = PeerIdentity.generate()
-    identity.save(path)
-    return identity
 
 
 def _local_event(config: NodeConfig, home: Path, peer_id: str) -> EventConfig | None:
@@ -211,7 +204,7 @@ class Node:
         made: list[Path] = []  # what this start created in the home; removed again if it fails
         try:
             home.mkdir(parents=True, exist_ok=True)
-            self.identity = _load_identity(home / "identity.pem")
+            self.identity = load_or_create_identity(home / "identity.pem")
             event = _local_event(config, home, self.identity.peer_id)
             try:
                 self.store = LineageStore.open(home / "lineage")

@@ -20,7 +20,6 @@ changed without `open_signed` failing.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import msgpack
@@ -80,22 +79,6 @@ class PeerIdentity:
         if not isinstance(seed, (bytes, bytearray)) or len(seed) != _SEED_LEN:
             raise LocalProtocolError("an Ed25519 seed is exactly 32 bytes")
         return cls(Ed25519PrivateKey.from_private_bytes(bytes(seed)))
-
-    # Key files are the daemon's (daemon/identity.py). These two delegates stay only until
-    # their last callers (p2pmodel/cli/seed.py, daemon/node.py, test helpers, scripts) call
-    # `load_identity` / `save_identity` from there; then they go, and nothing here does I/O.
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> PeerIdentity:
-        """Deprecated: `p2pmodel.daemon.identity.load_identity(path)`."""
-        from p2pmodel.daemon.identity import load_identity
-
-        return load_identity(path)
-
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Deprecated: `p2pmodel.daemon.identity.save_identity(identity, path)`."""
-        from p2pmodel.daemon.identity import save_identity
-
-        save_identity(self, path, overwrite=overwrite)
 
     @property
     def seed(self) -> bytes:

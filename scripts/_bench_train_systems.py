@@ -467,10 +467,11 @@ class _Node:
         self.status: dict[str, Any] | None = None  # the status JSON read after its last round
         self.stopped_by_bench = False
         self.home.mkdir(parents=True)
+        from p2pmodel.daemon.identity import save_identity
         from p2pmodel.protocols.signing import PeerIdentity
 
         # a fixed identity: its peer id fixes the node's data shard, which the baselines reuse
-        PeerIdentity.from_seed(bytes.fromhex(spec.identity_seeds[index])).save(self.home / "identity.pem")
+        save_identity(PeerIdentity.from_seed(bytes.fromhex(spec.identity_seeds[index])), self.home / "identity.pem")
 
     def start(self, args: list[str], stdout: int) -> None:
         with open(self.log_path, "w") as log:

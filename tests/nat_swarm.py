@@ -24,6 +24,7 @@ import pytest  # noqa: E402  (wait_for fails through pytest.fail)
 from nat_lab import NatLab  # noqa: E402
 from swarm_nodes import SwarmNode, wait_for  # noqa: E402
 
+from p2pmodel.daemon.identity import save_identity  # noqa: E402
 from p2pmodel.daemon.status import StatusUnavailable, fetch_status  # noqa: E402
 from p2pmodel.lineage import LineageStore  # noqa: E402
 from p2pmodel.protocols.signing import PeerIdentity  # noqa: E402
@@ -65,7 +66,7 @@ def run(out: Path, *, homes: int = 2, publics: int = 1, rounds: int = 3, home_re
     event.write_text(json.dumps({**EVENT, "min_members": homes + publics}))
     seeder = PeerIdentity.generate()
     (out / "pub1").mkdir(exist_ok=True)
-    seeder.save(out / "pub1" / "identity.pem")
+    save_identity(seeder, out / "pub1" / "identity.pem")
     lab = NatLab.build(homes=homes, publics=publics)
     nodes: dict[str, LabNode] = {}
     result: dict = {"ok": False, "homes": homes, "publics": publics, "home_reachability": home_reachability or "auto"}

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pytest  # noqa: E402
 from swarm_nodes import SwarmNode, wait_for  # noqa: E402
 
+from p2pmodel.daemon.identity import save_identity  # noqa: E402
 from p2pmodel.protocols.signing import PeerIdentity  # noqa: E402
 
 EVENT = {
@@ -71,7 +72,7 @@ def main(out: Path) -> int:
     seeder = PeerIdentity.generate()
     n0_home = out / "n0"
     n0_home.mkdir(exist_ok=True)
-    seeder.save(n0_home / "identity.pem")
+    save_identity(seeder, n0_home / "identity.pem")
     os.chown(n0_home / "identity.pem", UIDS["A"], UIDS["A"])
     nodes: dict[str, GroupNode] = {}
     result: dict = {"ok": False}

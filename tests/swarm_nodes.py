@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from p2pmodel.daemon.identity import save_identity
 from p2pmodel.daemon.status import StatusUnavailable, fetch_status
 from p2pmodel.protocols.signing import PeerIdentity
 
@@ -115,7 +116,7 @@ def seeded_swarm(root: Path, event: dict) -> tuple[Path, subprocess.Popen, list[
     stock, addrs = start_stock_dht(root / "stock.log")
     (root / "n0").mkdir()
     seeder = PeerIdentity.generate()
-    seeder.save(root / "n0" / "identity.pem")
+    save_identity(seeder, root / "n0" / "identity.pem")
     return path, stock, addrs, seeder.peer_id
 
 

@@ -36,6 +36,7 @@ import psutil
 import pytest
 import torch
 from swarm_nodes import wait_for
+from p2pmodel.daemon.identity import load_identity
 from p2pmodel.daemon.config import (
     DEFAULT_STATUS_PORT,
     ConfigError,
@@ -45,7 +46,6 @@ from p2pmodel.daemon.config import (
 from p2pmodel.daemon.logs import StatusLine, configure_logging, get_logger
 from p2pmodel.daemon.node import Node, NodeError, _open_status
 from p2pmodel.daemon.status import StatusUnavailable, fetch_status
-from p2pmodel.protocols.signing import PeerIdentity
 
 from p2pmodel.cli import build_parser, main
 
@@ -165,7 +165,7 @@ async def test_a_failed_start_leaves_only_the_identity_keys(tmp_path):
 async def test_a_failed_start_keeps_the_identity_and_frees_the_home_for_another_event(tmp_path):
     home = tmp_path / "home"
     await _fail_start(home)
-    peer_id = PeerIdentity.load(home / "identity.pem").peer_id
+    peer_id = load_identity(home / "identity.pem").peer_id
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"name": "other-event"}))
     node = await Node.create(NodeConfig(home=str(home), event=str(other), device="cpu", cpu_threads=1, status_port=0))

@@ -26,7 +26,6 @@ from p2pmodel.lineage import (
     ObjectMissing,
     PruneRefused,
     RetentionPolicy,
-    Version,
     VersionPruned,
     apply_retention,
     plan_pruning,

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import pytest
 
+from p2pmodel.daemon.identity import load_identity
 from p2pmodel.cli import main
 from p2pmodel.daemon.config import ConfigError, EventConfig, event_from_mapping, load_event
 from p2pmodel.daemon.manifest import event_to_toml, with_settings
 from p2pmodel.daemon.node import NodeError, seed_version
 from p2pmodel.lineage import LineageStore
-from p2pmodel.protocols.signing import PeerIdentity
 from p2pmodel.tasks import load_task
 
 TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2, "context": 16, "train_bytes": 20_000, "eval_bytes": 4096, "eval_batches": 1}
@@ -57,7 +57,7 @@ def seeded(tmp_path_factory) -> Path:
 
 
 def test_manifest_loads_as_the_defaults_plus_the_overrides(seeded):
-    founder = PeerIdentity.load(seeded / "founder" / "identity.pem")
+    founder = load_identity(seeded / "founder" / "identity.pem")
     with LineageStore.open(seeded / "founder" / "lineage") as store:
         seed_id = store.resolve("main")
     expected = dataclasses.replace(

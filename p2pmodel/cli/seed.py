@@ -70,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_seed(args: argparse.Namespace) -> int:
     from p2pmodel.daemon.config import EventConfig, event_from_mapping, load_event
     from p2pmodel.daemon.manifest import event_to_toml, with_settings
+    from p2pmodel.daemon.identity import save_identity
     from p2pmodel.protocols.signing import PeerIdentity
 
     out = Path(args.output).expanduser().resolve()
@@ -104,7 +105,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
             shutil.rmtree(model_dir)  # the seed version holds it now
         event = event_from_mapping({**dataclasses.asdict(event), "seed_version": vid}, source="event")
         if identity is not None:
-            identity.save(founder / "identity.pem")
+            save_identity(identity, founder / "identity.pem")
         manifest.write_text(event_to_toml(event, task_config))
         read = load_event(str(manifest))
         if read.event_hash() != event.event_hash():
