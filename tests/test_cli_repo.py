@@ -231,7 +231,7 @@ def test_export_refuses_existing_output_unless_forced(capsys, repo, tmp_path):
     out = tmp_path / "x.safetensors"
     out.write_bytes(b"keep me")
     code, _, err = call(capsys, "export", "main", "-o", str(out), repo=repo)
-    assert code == 1 and "--force" in err and out.read_bytes() == b"keep me"
+    assert code == 2 and "--force" in err and out.read_bytes() == b"keep me"  # a usage error
     assert call(capsys, "export", "main", "-o", str(out), "--force", repo=repo)[0] == 0
     assert torch.equal(load_file(out)["layer.weight"][0, :4], _model(0)["layer.weight"][0, :4] + 1)
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from p2pmodel.checkpoint.format import SINGLE_NAME
-from p2pmodel.errors import P2PModelError
+from p2pmodel.errors import P2PModelError, UsageError
 
 __all__ = [
     "CheckpointError",
@@ -87,9 +87,12 @@ class UnknownTensor(CheckpointError, KeyError):
     __str__ = Exception.__str__  # KeyError would quote the message
 
 
-class OutputExists(CheckpointError):
-    def __init__(self, path: str | os.PathLike):
-        super().__init__(path, f"{path} already exists (pass --force to replace it)")
+class OutputExists(CheckpointError, UsageError):
+    """The output exists and replacing it was not asked for (or it is one of the inputs): the
+    user's call to make, so a usage error (exit 2). The one class for export, merge and writers."""
+
+    def __init__(self, path: str | os.PathLike, reason: str = "already exists (pass --force to replace it)"):
+        super().__init__(path, f"output {path} {reason}")
 
 
 class LayoutMismatch(CheckpointError):

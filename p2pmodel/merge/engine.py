@@ -45,8 +45,7 @@ from p2pmodel.checkpoint import (
     torch_dtype,
     write_hf_folder,
 )
-from p2pmodel.checkpoint import OutputExists as _CheckpointOutputExists
-from p2pmodel.errors import UsageError
+from p2pmodel.checkpoint import OutputExists
 from p2pmodel.merge.functional import (
     BaseRequired,
     DtypeMismatch,
@@ -81,14 +80,6 @@ class InputError(MergeError):
     def __init__(self, path: str, cause: CheckpointError):
         self.path, self.cause = path, cause
         super().__init__(f"cannot read input {path}: {cause}")
-
-
-class OutputExists(MergeError, UsageError):
-    """The output folder exists and `force` was not given (or it is one of the inputs)."""
-
-    def __init__(self, path: str, reason: str = "already exists (pass --force to replace it)"):
-        self.path = path
-        super().__init__(f"output {path} {reason}")
 
 
 @dataclass(frozen=True)
@@ -401,8 +392,6 @@ def merge_checkpoints(
         with reuse_buffers():
             write_hf_folder(out, tensors(), extra, max_shard_bytes=max_shard_bytes, layout=plan.layout,
                             overwrite=force, on_tensor=on_tensor)
-    except _CheckpointOutputExists:
-        raise OutputExists(str(out)) from None  # created by someone else meanwhile
     finally:
         release_maps()
     return MergeReport(
