@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(90
 
 EVENT = {
     "name": "swarmtest",
-    "inner_steps": 8,
+    "inner_steps": 24,  # rounds of a few seconds: a restarted node syncs one commit at a time and lags a 1 s round
     "collect_window": 20.0,  # waited out only while a peer is missing: rounds close early otherwise
     "proposal_timeout": 6.0,
     "round_deadline": 90.0,
