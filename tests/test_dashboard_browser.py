@@ -213,7 +213,10 @@ def test_status_swarm_json_is_the_nodes_swarm_section(swarm, capsys):
 def test_watch_refreshes_until_ctrl_c_and_exits_0(swarm):
     cmd = [sys.executable, "-c", "import sys; from p2pmodel.cli import main; sys.exit(main())",
            "status", "--swarm", "--watch", "0.3", "--home", str(swarm["nodes"]["n2"].home)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    # Ctrl-C as a terminal sends it: SIGINT at its default action, even when this test runs in a
+    # background job (a shell starts those with SIGINT ignored, and children inherit that).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         stamps = 0
         deadline = time.monotonic() + 60
