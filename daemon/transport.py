@@ -21,6 +21,8 @@ loop and a pickle channel for no gain at our record rates. The `P2P` handle is t
 Around it: `transport_errors.py` (the errors, re-exported here), `addresses.py` (multiaddrs as
 p2pd takes them, relay circuits included), `reachability.py` (the relay role p2pd starts in).
 What stays here: the DHT node and p2pd's lifecycle, records, stream handlers and connections.
+Why over 600 lines: starting p2pd in a relay role and shutting it down when Ctrl-C already
+killed it are most of it, and both need the same private hivemind handles; nothing else left.
 """
 
 from __future__ import annotations

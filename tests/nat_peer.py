@@ -1,6 +1,6 @@
 """One Transport (DHT node + p2pd, no training) inside a lab namespace, for tests/test_nat.py.
 
-    python tests/nat_peer.py DIR NAME --reachability MODE [--peers MADDR...] [--serve-bytes N] [--fetch-from OTHER]
+    python tests/nat_peer.py DIR NAME --listen IPV4 --reachability MODE [--peers MADDR...] [--serve-bytes N] [--fetch-from OTHER]
 
 Writes DIR/NAME.json once started: its libp2p id, announced addresses, `reachability()` and the
 id of the random blob it serves (`--serve-bytes`). With `--fetch-from OTHER` it then waits for
@@ -21,8 +21,6 @@ from pathlib import Path
 from p2pmodel.daemon.reachability import own_addresses, plan_relays
 from p2pmodel.daemon.transport import FetchError, Transport, TransportError
 
-HOST = ("/ip4/0.0.0.0/tcp/0",)
-
 
 def _write(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
@@ -40,8 +38,9 @@ async def _wait_file(path: Path, deadline: float) -> dict:
 
 async def main(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + 120
-    plan = plan_relays(args.reachability, own_addresses(HOST, ()), args.peers)
-    transport = await Transport.create(initial_peers=args.peers, host_maddrs=HOST, relay_plan=plan)
+    host = (f"/ip4/{args.listen}/tcp/0",)  # the lab namespace's own address, never the host's network
+    plan = plan_relays(args.reachability, own_addresses(host, ()), args.peers)
+    transport = await Transport.create(initial_peers=args.peers, host_maddrs=host, relay_plan=plan)
     try:
         me: dict = {"libp2p_id": transport.peer_id.to_base58(), "addrs": await transport.visible_maddrs()}
         if args.serve_bytes:
@@ -75,6 +74,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("dir", type=Path)
     parser.add_argument("name")
+    parser.add_argument("--listen", required=True, help="IPv4 address of this lab host (NatLab.address)")
     parser.add_argument("--reachability", default="auto")
     parser.add_argument("--peers", nargs="*", default=[])
     parser.add_argument("--serve-bytes", type=int, default=0)

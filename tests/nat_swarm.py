@@ -40,12 +40,12 @@ EVENT = {
 
 
 class LabNode(SwarmNode):
-    """A SwarmNode running inside one of the lab's namespaces, listening on all its addresses."""
+    """A SwarmNode running inside one of the lab's namespaces, listening on its lab address only."""
 
     def __init__(self, lab: NatLab, host: str, root: Path, event: Path, peers: list[str], seeder: str, reachability: str):
         super().__init__(host, root, event, peers, seeder, log_stdout=True)
         self.lab, self.host = lab, host
-        self.args = ["ip", "netns", "exec", lab.ns(host), *self.args, "--host-maddrs", "/ip4/0.0.0.0/tcp/0"]
+        self.args = ["ip", "netns", "exec", lab.ns(host), *self.args, "--host-maddrs", f"/ip4/{lab.address(host)}/tcp/0"]
         if reachability:
             self.args += ["--reachability", reachability]
         if not peers:

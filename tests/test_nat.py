@@ -11,7 +11,9 @@ address per relay peer (p2pd waits for every trusted relay address it was given)
 read from circuit addresses; circuit addresses kept for dialling and encoded as p2pd parses them.
 
 In network namespaces (tests/nat_lab.py: each home behind its own masquerading router that drops
-every connection the outside opens; needs root, `ip` and `iptables`, else skipped):
+every connection the outside opens; needs root, `ip` and `iptables`, else skipped). This is the
+one place peers use addresses other than 127.0.0.1: a NAT cannot be built on loopback. Every
+process binds its own lab address, and no lab namespace has a link to the host's network:
 - a home holds a slot at the public peer and announces its relay address;
 - another home dials that address and fetches a 1 MiB object through the relay: more than
   go-libp2p's default relay allows per connection (128 KiB), so the public peer relays with
@@ -139,7 +141,8 @@ def relayed(lab_ok, tmp_path_factory):
 
     def start(host: str, *args: str) -> None:
         log = open(out / f"{host}.log", "w")
-        procs.append(lab.popen(host, [sys.executable, str(PEER_SCRIPT), str(out), host, *args], stdout=log, stderr=log))
+        cmd = [sys.executable, str(PEER_SCRIPT), str(out), host, "--listen", lab.address(host), *args]
+        procs.append(lab.popen(host, cmd, stdout=log, stderr=log))
 
     def state(host: str) -> dict | None:
         path = out / f"{host}.json"
