@@ -228,15 +228,20 @@ def _read_join_line(proc: subprocess.Popen, deadline: float) -> str:
 def _follow(procs: list[subprocess.Popen], root: Path, deadline: float) -> None:
     """Print committed rounds as node0 logs them; return when every node has left."""
     seen = 0
-    while any(p.poll() is None for p in procs):
-        if time.monotonic() > deadline:
+    running = True
+    while running:
+        # poll before reading: the read after the last node left prints the rounds it logged on its way out
+        running = any(p.poll() is None for p in procs)
+        if running and time.monotonic() > deadline:
             raise DemoError("timed out; see the node logs")
-        lines = (root / "node0.log").read_text().splitlines()
+        text = (root / "node0.log").read_text()
+        lines = text[: text.rfind("\n") + 1].splitlines()  # whole lines only: a half-written one is read next time
         for line in lines[seen:]:
             if " committed " in line:
                 print(_round_line(dict(re.findall(r"(\w+)=(\S+)", line))), flush=True)
         seen = len(lines)
-        time.sleep(1.0)
+        if running:
+            time.sleep(1.0)
     bad = [i for i, p in enumerate(procs) if p.returncode not in (0, -signal.SIGTERM)]
     if bad:
         raise DemoError(f"node(s) {bad} exited with an error; see {root}/node*.log")
