@@ -29,12 +29,15 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from p2pmodel.daemon.reachability import MODES as REACHABILITY_MODES
 from p2pmodel.errors import UsageError
 from p2pmodel.peers import name_problem
 from p2pmodel.protocols.limits import MAX_MANIFEST
+
+if TYPE_CHECKING:
+    from p2pmodel.training import LRSchedule
 
 __all__ = [
     "NodeConfig",
@@ -132,6 +135,14 @@ class EventConfig:
     # which trained worse than one peer alone, at ~1/850 of DDP's bytes.
     inner_steps: int = _f(50, "H: AdamW steps each peer takes per round")
     inner_lr: float = _f(3e-3, "AdamW learning rate of the inner loop")
+    # The inner lr over the event's planned length (p2pmodel.training.LRSchedule): the swarm's
+    # step clock is round x inner_steps, so every peer is at the same lr in the same round.
+    # Cosine decay to 0.1 x lr took 2-bit averaging from 1.660 to 1.411 eval loss on the bench
+    # task (scripts/sweep_outer, preset schedule); an open-ended event keeps a constant lr.
+    lr_warmup_steps: int = _f(0, "inner lr warm-up: linear from lr/W to lr over the swarm's first W steps")
+    lr_decay_steps: int = _f(0, "cosine decay of the inner lr to lr_final x inner_lr at this step of the swarm's clock "
+                             "(round x inner_steps; set it to the event's planned rounds x inner_steps); 0: no decay")
+    lr_final: float = _f(0.1, "the inner lr's factor at and after lr_decay_steps")
     outer_lr: float = _f(1.0, "outer learning rate (DiLoCo's Nesterov SGD; 1 with momentum 0 is averaging)")
     outer_momentum: float = _f(0.0, "outer Nesterov momentum (DiLoCo uses 0.9); stored in the lineage")
     merge_method: str = _f("linear", "p2pmodel.merge method applied to the deltas")
@@ -158,6 +169,16 @@ class EventConfig:
     max_delta_bytes: int = _f(256 * 1024 * 1024, "largest encoded delta a peer accepts (bytes)")
     seed: int = _f(0, "seed of the model's initial parameters")
     allowed_peers: list = _f([], "private event: the only peer ids that take part (empty: open)")
+
+    def lr_schedule(self) -> LRSchedule | None:
+        """The inner lr's schedule on the swarm's step clock; None: a constant `inner_lr`."""
+        from p2pmodel.training import LRSchedule  # torch: not for every reader of an event
+
+        if self.lr_decay_steps:
+            return LRSchedule(self.lr_decay_steps, self.lr_warmup_steps, self.lr_final)
+        if self.lr_warmup_steps:
+            return LRSchedule(self.lr_warmup_steps + 1, self.lr_warmup_steps, final=1.0)  # warm-up, then flat
+        return None
 
     def manifest_bytes(self) -> bytes:
         """The canonical JSON of every field (sorted keys): what peers serve as the event's
@@ -280,6 +301,11 @@ def _check_event(e: EventConfig, source: str) -> None:
         ("inner_steps", e.inner_steps > 0, "must be positive"),
         ("inner_lr", e.inner_lr > 0, "must be positive"),
         ("outer_lr", e.outer_lr > 0, "must be positive"),
+        ("lr_warmup_steps", e.lr_warmup_steps >= 0, "must be >= 0"),
+        ("lr_decay_steps", e.lr_decay_steps >= 0, "must be >= 0 (0: no decay)"),
+        ("lr_warmup_steps", not e.lr_decay_steps or e.lr_warmup_steps < e.lr_decay_steps,
+         f"must be below lr_decay_steps ({e.lr_warmup_steps} >= {e.lr_decay_steps}): the decay would start before the warm-up ended"),
+        ("lr_final", 0 <= e.lr_final <= 1, "must be in [0, 1]"),
         ("outer_momentum", 0 <= e.outer_momentum < 1, "must be in [0, 1)"),
         ("seeder", not e.seeder or bool(_PEER_ID.fullmatch(e.seeder)), "must be a peer id (40 lowercase hex digits) or empty"),
         ("seed_version", not e.seed_version or bool(_SHA256.fullmatch(e.seed_version)), "must be a version id (64 lowercase hex digits) or empty"),

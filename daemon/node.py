@@ -248,6 +248,7 @@ class Node:
                 self.task,
                 config.device,
                 lr=self.event.inner_lr,
+                lr_schedule=self.event.lr_schedule(),
                 peer_seed=int(self.identity.peer_id[:8], 16),
                 cpu_threads=config.cpu_threads,
             )

@@ -748,7 +748,7 @@ class RoundRunner:
             # the kept delta to a fresh one: two deltas trained from one base would count twice.
             kept, kept_samples = self._kept
             start = {k: base[k] + kept[k].to(base[k].dtype) for k in base}
-        result, delta = await self.trainer.train_round(start, self._step_budget())
+        result, delta = await self.trainer.train_round(start, self._step_budget(), first_step=a.round * self.event.inner_steps)
         samples = result.samples + kept_samples
         if self._kept is not None:
             delta = {k: delta[k] + self._kept[0][k] for k in delta}  # relative to the round's base

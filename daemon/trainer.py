@@ -28,7 +28,7 @@ import torch
 
 from p2pmodel.daemon.logs import get_logger
 from p2pmodel.tasks import Task
-from p2pmodel.training import InnerTrainer, TrainResult, cpu_thread_budget
+from p2pmodel.training import InnerTrainer, LRSchedule, TrainResult, cpu_thread_budget
 
 __all__ = ["Trainer", "TrainingProgress", "resolve_device"]
 
@@ -56,14 +56,15 @@ class TrainingProgress:
 class Trainer:
     """The task's model, its inner optimizer, and the worker thread that runs them."""
 
-    def __init__(self, task: Task, device: str, *, lr: float, peer_seed: int, cpu_threads: int = 0):
+    def __init__(self, task: Task, device: str, *, lr: float, peer_seed: int, cpu_threads: int = 0,
+                 lr_schedule: LRSchedule | None = None):  # fmt: skip
         self.task = task
         self.device = resolve_device(device)
         self.progress = TrainingProgress()
         self._stop = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pmodel-trainer")
         self._aux = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pmodel-merge")
-        self._lr, self._peer_seed = lr, peer_seed
+        self._lr, self._lr_schedule, self._peer_seed = lr, lr_schedule, peer_seed
         self._cpu_threads = cpu_threads or cpu_thread_budget()
         self._inner: InnerTrainer | None = None
         self._eval_model: torch.nn.Module | None = None
@@ -92,27 +93,33 @@ class Trainer:
         model = self.task.build_model()
         model.load_state_dict(dict(state))
         self._inner = InnerTrainer(
-            self.task, model, self.device, lr=self._lr, peer_seed=self._peer_seed, cpu_threads=self._cpu_threads
-        )
+            self.task, model, self.device, lr=self._lr, peer_seed=self._peer_seed, cpu_threads=self._cpu_threads,
+            lr_schedule=self._lr_schedule,
+        )  # fmt: skip
 
-    async def train_round(self, base: Mapping[str, torch.Tensor], steps: int) -> tuple[TrainResult, dict[str, torch.Tensor]]:
+    async def train_round(
+        self, base: Mapping[str, torch.Tensor], steps: int, first_step: int = 0
+    ) -> tuple[TrainResult, dict[str, torch.Tensor]]:
         """Train up to `steps` inner steps from `base`; return (result, delta = theta - base).
 
         Steps already taken ahead (see `train_ahead`) are rebased onto `base` and count toward
         `steps`; the result's steps and samples include them. Stops early when `stop()` is
-        called (the delta then covers the steps taken).
+        called (the delta then covers the steps taken). `first_step` is the round's place on
+        the swarm's step clock (the lr schedule's); steps taken ahead went on from the last
+        round's clock, which is where this round's begins.
         """
         ahead = await self._stop_ahead()
         self._stop.clear()
-        result, delta = await self._run(self._train_round, base, steps, ahead)
+        result, delta = await self._run(self._train_round, base, steps, ahead, first_step)
         return result, delta
 
-    def _train_round(self, base, steps, ahead: TrainResult | None):
+    def _train_round(self, base, steps, ahead: TrainResult | None, first_step: int = 0):
         assert self._inner is not None, "Trainer.start() first"
         if ahead is not None and ahead.steps:
             self._inner.rebase(base)
         else:
             self._inner.load_base(base)
+            self._inner.step = first_step
             ahead = None
         done = ahead.steps if ahead else 0
         # at least one step of our own after a rebase, then stop as soon as the others are done

@@ -20,6 +20,7 @@ inputs — the committed version's id depends on it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from torch import nn
 from p2pmodel.errors import P2PModelError
 from p2pmodel.tasks import Task, batch_size_of
 
-__all__ = ["InnerTrainer", "TrainResult", "TrainingError", "outer_step", "cpu_thread_budget", "DILOCO_OUTER_LR", "DILOCO_OUTER_MOMENTUM"]
+__all__ = ["InnerTrainer", "LRSchedule", "TrainResult", "TrainingError", "outer_step", "cpu_thread_budget", "DILOCO_OUTER_LR", "DILOCO_OUTER_MOMENTUM"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,34 @@ class TrainingError(P2PModelError):
         super().__init__(f"{reason}{shown}")
         self.reason = reason
         self.names = names
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The inner learning rate over an event's planned steps: linear warm-up, then cosine decay.
+
+    `factor(step)` multiplies AdamW's base `lr`. Step numbers are the swarm's shared clock
+    (a round's first step is `round * H`), not a peer's own count, so every peer is at the
+    same learning rate in the same round whatever it did before. Past `total_steps` the
+    factor stays at `final`. Why decay: the drift between peers' local models over a round
+    grows with the learning rate, and the averaged model gains most once it is small (as in
+    post-local SGD and SWA); DDP with the same schedule is the fair reference.
+    """
+
+    total_steps: int
+    warmup_steps: int = 0
+    final: float = 0.1  # the factor at and after `total_steps`
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1 or not 0 <= self.warmup_steps < self.total_steps or not 0 <= self.final <= 1:
+            raise TrainingError(f"bad LRSchedule: need total_steps >= 1, 0 <= warmup_steps < total_steps, 0 <= final <= 1 ({self})")
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = self.total_steps - self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)
@@ -97,6 +126,9 @@ class InnerTrainer:
         grad_clip: clip the gradient's global norm to this (None: no clipping).
         cpu_threads: torch threads when training on CPU; None means `cpu_thread_budget()`.
             Note that `torch.set_num_threads` is process-wide.
+        lr_schedule: scales `lr` by `lr_schedule.factor(step)` before each step, where `step`
+            is `self.step` (set it to the round's first step; it advances with every step).
+            None: a constant `lr`.
     """
 
     def __init__(
@@ -112,6 +144,7 @@ class InnerTrainer:
         amp: str = "auto",
         grad_clip: float | None = 1.0,
         cpu_threads: int | None = None,
+        lr_schedule: LRSchedule | None = None,
     ):
         self.task = task
         self.device = torch.device(device)
@@ -122,6 +155,8 @@ class InnerTrainer:
         self.amp_dtype = self._pick_amp(amp)
         self.grad_clip = grad_clip
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+        self.lr, self.lr_schedule = lr, lr_schedule
+        self.step = 0  # the swarm's step number of the next step (see `lr_schedule`)
         # GradScaler only for fp16: bf16 has fp32's exponent range and needs no loss scaling.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype is torch.float16 else None
         if self.device.type == "cpu":
@@ -209,6 +244,10 @@ class InnerTrainer:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         while done < steps and not (should_stop and should_stop()):
             batch = next(self._batches)
+            if self.lr_schedule is not None:
+                lr = self.lr * self.lr_schedule.factor(self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             with autocast:
                 loss = self.task.loss(self.model, batch)
             self.optimizer.zero_grad(set_to_none=True)
@@ -223,6 +262,7 @@ class InnerTrainer:
                 self._clip()
                 self.optimizer.step()
             done += 1
+            self.step += 1
             samples += batch_size_of(batch)
             loss_sum += loss.detach().float()
             if on_step is not None:

@@ -239,6 +239,10 @@ INVALID = [
     ({"outer_lr": 0}, "outer_lr"),
     ({"outer_momentum": 1.0}, "outer_momentum"),
     ({"min_members": 0}, "min_members"),
+    ({"lr_warmup_steps": -1}, "lr_warmup_steps"),
+    ({"lr_decay_steps": -5}, "lr_decay_steps"),
+    ({"lr_decay_steps": 100, "lr_warmup_steps": 100}, "lr_warmup_steps"),  # decay would start before warm-up ends
+    ({"lr_final": 1.5}, "lr_final"),
     ({"ci_max_regression": -0.1}, "ci_max_regression"),
     ({"ci_window": 0}, "ci_window"),
     ({"screen_min_cosine": 2.0}, "screen_min_cosine"),

@@ -5,6 +5,8 @@ Guarantees checked here:
   plain averaging (base + merged delta); momentum accumulates across rounds;
 - `InnerTrainer` lowers the loss, reports what it did, keeps AdamW state across
   `load_base`, computes `delta = theta_local - base`, and stops when told to;
+- `LRSchedule` warms up linearly, decays by a cosine to its final factor and stays there;
+  `InnerTrainer` applies it on the swarm's step clock (`trainer.step`), not its own count;
 - `scripts/gpu_check`'s CPU path runs and reports throughput and loss.
 """
 
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 from p2pmodel.tasks.charlm import CharLMTask
-from p2pmodel.training import InnerTrainer, TrainingError, outer_step
+from p2pmodel.training import InnerTrainer, LRSchedule, TrainingError, outer_step
 
 SMALL = dict(n_layer=1, n_embd=32, n_head=2, context=16, batch_size=8, train_bytes=50_000, eval_batches=2)
 
@@ -225,3 +227,61 @@ def test_rebase_moves_the_steps_taken_onto_a_new_base(trainer):
     for k, d in trainer.delta().items():
         torch.testing.assert_close(d, done[k], rtol=0, atol=1e-6)
         torch.testing.assert_close(trainer.model.state_dict()[k].float(), new_base[k] + done[k], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- LRSchedule
+
+
+def test_lr_schedule_warms_up_then_decays_by_a_cosine_to_its_final_factor():
+    s = LRSchedule(total_steps=110, warmup_steps=10, final=0.1)
+    assert [s.factor(i) for i in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert s.factor(10) == pytest.approx(1.0)
+    assert s.factor(60) == pytest.approx(0.55)  # half way: the cosine's midpoint between 1 and 0.1
+    assert s.factor(110) == pytest.approx(0.1) and s.factor(10_000) == pytest.approx(0.1)
+    assert all(s.factor(i) >= s.factor(i + 1) for i in range(10, 200))
+
+
+@pytest.mark.parametrize("args", [(0, 0, 0.1), (10, 10, 0.1), (10, -1, 0.1), (10, 0, 1.5)])
+def test_a_schedule_that_cannot_work_is_refused(args):
+    with pytest.raises(TrainingError):
+        LRSchedule(*args)
+
+
+def test_the_trainer_follows_the_schedule_on_the_swarms_clock(task):
+    schedule = LRSchedule(total_steps=100, final=0.1)
+    trainer = InnerTrainer(task, task.build_model(), "cpu", lr=1e-2, cpu_threads=1, lr_schedule=schedule)
+    trainer.step = 100  # a round late in the event: its steps run at the final lr
+    trainer.train(2)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert trainer.step == 102
+    trainer.step = 50
+    trainer.train(1)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * schedule.factor(50))
+
+
+def test_the_event_turns_its_lr_settings_into_a_schedule():
+    from p2pmodel.daemon.config import event_from_mapping
+
+    assert event_from_mapping({}).lr_schedule() is None  # open-ended: a constant lr
+    decay = event_from_mapping({"lr_decay_steps": 600, "lr_warmup_steps": 30}).lr_schedule()
+    assert decay == LRSchedule(total_steps=600, warmup_steps=30, final=0.1)
+    flat = event_from_mapping({"lr_warmup_steps": 30}).lr_schedule()
+    assert flat.factor(0) == pytest.approx(1 / 30) and flat.factor(30) == flat.factor(10_000) == pytest.approx(1.0)
+
+
+def test_the_nodes_trainer_starts_each_round_at_its_place_on_the_clock(task):
+    import asyncio
+
+    from p2pmodel.daemon.trainer import Trainer
+
+    async def main() -> float:
+        trainer = Trainer(task, "cpu", lr=1e-2, peer_seed=0, cpu_threads=1, lr_schedule=LRSchedule(total_steps=100, final=0.1))
+        try:
+            base = task.build_model().state_dict()
+            await trainer.start(base)
+            await trainer.train_round(base, 2, first_step=4 * 25)  # round 4 of H=25: the decay is over
+            return trainer._inner.optimizer.param_groups[0]["lr"]
+        finally:
+            trainer.close()
+
+    assert asyncio.run(main()) == pytest.approx(1e-3)
