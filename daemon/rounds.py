@@ -103,10 +103,15 @@ logger = get_logger(__name__)
 
 # Records reach live peers by push (gossip.py); the DHT is read to catch what a push missed, for
 # late joiners, and before timed decisions. Measured on loopback (scripts/bench_control): one read
-# of a key costs 2.4 kB on the wire with 3 peers and 11 kB with 8, empty or not, so reads are rare.
+# of a key costs 2.4 kB on the wire with 3 peers and 11 kB with 8, empty or not; the round's four
+# keys in one search 26 kB with 8. While pushes deliver everything a read finds nothing new, so
+# the reads back off to one per 5 minutes: with 60 s (and a head read every 60 s) they were 18 of
+# the 47 kB of control traffic per peer per round at 8 peers. A read that finds news (a push
+# missed) brings them back to every POLL_MIN; deadlines and records from unknown peers still
+# trigger reads of their own.
 POLL_MIN = 10.0  # seconds between reads of the current round's keys after a read that found news
-POLL_MAX = 60.0  # each read that finds nothing new doubles the interval, up to this
-POLL_HEAD_EVERY = 60.0  # seconds between reads of the head key and the next round's members
+POLL_MAX = 300.0  # each read that finds nothing new doubles the interval, up to this
+POLL_HEAD_EVERY = 300.0  # seconds between reads of the head key and the next round's members
 POLL_BEFORE_DEADLINE = 2.0  # the round's keys are read this long before each machine deadline
 POLL_TICK = 0.5  # seconds between checks of the above
 DISK_CHECK_EVERY = 5.0  # seconds between free-space checks (daemon/disk.py)
