@@ -120,6 +120,7 @@ DISK_MIN_FREE = 64 * 1024 * 1024  # bytes kept free besides three model copies (
 HEAD_TTL = 24 * 3600.0  # seconds a published Commit stays in the DHT
 ROSTER_TTL = 30 * 60.0  # seconds our entry in the event's roster stays in the DHT ...
 ROSTER_REFRESH = 10 * 60.0  # ... rewritten after this long, or at once when our addresses change
+ROSTER_RETRY = 30.0  # seconds before a roster write that failed is tried again
 
 
 @dataclass
@@ -537,6 +538,14 @@ class RoundRunner:
         ttl = HEAD_TTL if isinstance(msg, Commit) else 3 * self.event.round_deadline
         await self._store(self._key_of(msg), envelope, ttl, msg.TYPE)
 
+    def _refresh_roster(self, machine: rm.RoundMachine) -> None:
+        """Rewrite our roster entry when it is due: a peer that stays in the electorate
+        announces itself only once (see `RoundMachine._enter`), so the entry is not kept
+        fresh by per-round announcements."""
+        ann = machine.announcement(time.time())
+        if self._roster_due(ann):
+            self._spawn(self._store(f"{self.prefix}/peers", sign(ann, self.identity), ROSTER_TTL, ann.TYPE), "publish roster")
+
     def _roster_due(self, msg: Message) -> bool:
         """Whether `msg` goes into our roster entry: a Departure always, an announcement when the
         entry is old or announced other addresses (one DHT store per ROSTER_REFRESH, not per round)."""
@@ -562,7 +571,8 @@ class RoundRunner:
                 logger.debug("publish failed", key=key, error=str(e))
             await asyncio.sleep(0.5 * (attempt + 1))
         if key.endswith("/peers"):
-            self._delivery.roster_written = -math.inf  # try again with the next announcement
+            # try again with the next announcement, or in ROSTER_RETRY seconds
+            self._delivery.roster_written = min(self._delivery.roster_written, time.monotonic() - ROSTER_REFRESH + ROSTER_RETRY)
         self.record_error(f"could not publish {kind} to {key}")
 
     async def _fetch_key(self, key: str) -> dict[str, bytes]:
@@ -608,6 +618,8 @@ class RoundRunner:
                         new = await self._read_keys(keys)
                         poll.interval = POLL_MIN if new else min(2 * poll.interval, POLL_MAX)
                         poll.next_read = time.monotonic() + poll.interval
+                    if now - poll.roster_written >= ROSTER_REFRESH:
+                        self._refresh_roster(machine)
                 await asyncio.sleep(POLL_TICK)
         finally:
             await self._gossip.close(timeout=2.0)
@@ -680,6 +692,12 @@ class RoundRunner:
             return True
         if not isinstance(msg, PeerAnnouncement):  # _note_peer observed those
             self._observe(msg)
+            known = self._peers.get(signer)
+            r = getattr(msg, "round", None)
+            if known is not None and known.last_round >= 0 and isinstance(r, int):
+                # An electorate member announces itself only when it (re)joins: its deltas and
+                # votes show it is still here, and keep it among our push targets.
+                known.last_round = max(known.last_round, r)
         self._post(rm.MessageReceived(time.time(), msg, signer))
         return True
 

@@ -330,6 +330,11 @@ class RoundMachine:
         v = self._view
         return frozenset() if v is None else frozenset(v.members - v.departed)
 
+    def announcement(self, now: float) -> PeerAnnouncement:
+        """Our announcement for the current round (round 0 before the first): what the shell
+        writes into the event's roster when it is due, whether or not this round needed one."""
+        return self._announcement(self._view.round if self._view is not None else 0, now)
+
     def only_we_are_missing(self) -> bool:
         """Every other expected peer announced its delta for this round, and ours is not out yet.
 
@@ -1097,10 +1102,15 @@ class RoundMachine:
         prev = self._view
         self._view = v = RoundView(round_, self.head_version, now)
         out.append(EnterRound(round_, v.base))
-        # One announcement per round: a peer catching up announced this round already (as "next")
-        if round_ not in self._announced_rounds:
+        # One announcement per round: a peer catching up announced this round already (as "next").
+        # A member of the electorate that was in the last round needs none, for this round or the
+        # next: every peer on this head expects its delta already (`_expected`), and its delta or
+        # vote makes it a member (at 8 peers the announcements were a third of all pushes). A
+        # peer that (re)starts, or whose delta the commit left out, announces as before.
+        implied = prev is not None and prev.round == round_ - 1 and self.peer.peer_id in self.electorate
+        if round_ not in self._announced_rounds and not implied:
             out.append(Publish(self._announcement(round_, now)))
-        if catching_up:
+        if catching_up and not implied:
             out.append(Publish(self._announcement(round_ + 1, now)))
             self._announced_rounds.add(round_ + 1)
         self._announced_rounds = {r for r in self._announced_rounds if r > round_}

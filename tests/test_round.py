@@ -581,6 +581,30 @@ def test_a_peer_that_catches_up_also_announces_for_the_next_round():
     assert rounds == [R, R + 1]
 
 
+def test_a_member_that_stays_in_the_electorate_does_not_announce_the_next_round():
+    # its delta and vote show it is here; the others expect its delta as an electorate member
+    m = machine(ORDER[3])
+    full_round_to_merge(m, ORDER[3])
+    prop = proposal(ORDER[0])
+    reach_vote(m, ORDER[3], prop)
+    m.process(MessageReceived(33.0, vote(ORDER[0], prop), ORDER[0]))
+    acts = m.process(MessageReceived(33.0, vote(ORDER[1], prop), ORDER[1]))
+    assert m.round == R + 1 and ORDER[3] in m.electorate
+    assert not [a for a in of(acts, Publish) if isinstance(a.message, PeerAnnouncement)]
+    assert m.announcement(40.0).round == R + 1  # what the shell writes into the roster when due
+
+
+def test_a_member_left_out_of_the_commit_announces_the_next_round():
+    m = machine(ORDER[3])
+    full_round_to_merge(m, ORDER[3])
+    prop = proposal(ORDER[0], members=ORDER[:3], deltas=[ProposalDelta(p, delta_hash(p), 10.0) for p in sorted(ORDER[:3])])
+    reach_vote(m, ORDER[3], prop)
+    acts = [a for v in ORDER[:2] for a in m.process(MessageReceived(33.0, vote(v, prop), v))]
+    assert m.round == R + 1 and ORDER[3] not in m.electorate
+    # round R + 1 was announced on start (as "next"); entering it announces the one after
+    assert [a.message.round for a in of(acts, Publish) if isinstance(a.message, PeerAnnouncement)] == [R + 2]
+
+
 def test_no_proposal_without_a_delta_to_merge():
     m = machine(ORDER[0])
     for pid in IDS[:4]:
