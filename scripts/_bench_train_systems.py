@@ -71,6 +71,7 @@ class RunSpec:
     batch_size: int
     task_options: dict  # identical for every system of a bench run
     lr: float  # inner AdamW learning rate (the other AdamW settings are InnerTrainer's defaults)
+    lr_schedule: dict  # LRSchedule's fields ({}: a constant lr); the swarm's event holds the same
     threads: int  # torch threads per peer
     peer_seeds: list[int]  # peer i trains on task.batches(peer_seeds[i])
     identity_seeds: list[str]  # swarm: hex Ed25519 seeds whose peer ids give those peer_seeds
@@ -216,11 +217,13 @@ def run_workers(spec_path: Path, spec: RunSpec, n: int) -> dict[str, Any]:
 def _task_and_trainer(spec: RunSpec, rank: int, wrap: Callable[[Any], Any] = lambda m: m):
     """The shared task, its model, and the swarm's very inner optimizer (InnerTrainer's AdamW)."""
     from p2pmodel.tasks import load_task
-    from p2pmodel.training import InnerTrainer
+    from p2pmodel.training import InnerTrainer, LRSchedule
 
     task = load_task("charlm", **spec.task_options)
     model = task.build_model()
-    trainer = InnerTrainer(task, wrap(model), "cpu", lr=spec.lr, peer_seed=spec.peer_seeds[rank], cpu_threads=spec.threads)
+    schedule = LRSchedule(**spec.lr_schedule) if spec.lr_schedule else None
+    trainer = InnerTrainer(task, wrap(model), "cpu", lr=spec.lr, peer_seed=spec.peer_seeds[rank], cpu_threads=spec.threads,
+                           lr_schedule=schedule)  # fmt: skip
     return task, model, trainer
 
 
@@ -286,6 +289,24 @@ class _AveragingLog(logging.Handler):
             self.outcomes.append(0)
 
 
+class _ScheduledHivemind:
+    """hivemind.Optimizer as InnerTrainer drives it, with its lr schedule reaching the optimizer
+    that steps: hivemind's `param_groups` are copies, so setting "lr" on them would change nothing."""
+
+    def __init__(self, opt) -> None:
+        self.opt = opt
+
+    @property
+    def param_groups(self):
+        return self.opt.state_averager.optimizer.param_groups
+
+    def step(self, *args, **kwargs):
+        return self.opt.step(*args, **kwargs)
+
+    def zero_grad(self, *args, **kwargs):
+        return self.opt.zero_grad(*args, **kwargs)
+
+
 def worker_hivemind(spec: RunSpec, rank: int) -> None:
     """hivemind.Optimizer with local updates, configured as hivemind's quickstart does."""
     import hivemind
@@ -322,11 +343,15 @@ def worker_hivemind(spec: RunSpec, rank: int) -> None:
         state_averaging_compression=NoCompression(),
         verbose=False,
     )
-    trainer.optimizer = opt  # InnerTrainer's loop now calls hivemind.Optimizer.step/zero_grad
+    trainer.optimizer = _ScheduledHivemind(opt)  # InnerTrainer's loop now calls hivemind.Optimizer.step/zero_grad
     # Start together (as DDP's rendezvous and the swarm's min_members do): a peer training alone
     # while the others import torch would just be the single-peer floor for a while.
     barrier(spec, "ready", rank, deadline)
     result = trainer.train(spec.steps)
+    if trainer.lr_schedule is not None:  # the schedule must have reached the optimizer that steps
+        lr = opt.state_averager.optimizer.param_groups[0]["lr"]
+        if not math.isclose(lr, trainer.lr * trainer.lr_schedule.factor(trainer.step - 1)):
+            raise BenchError("hivemind", f"the lr schedule did not reach hivemind's optimizer (its lr is {lr:g})")
     # The last epoch's averaging runs in the background: wait for it and apply it, then stay
     # online until every peer is done, so that no one averages with a peer that already left.
     opt.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
