@@ -79,10 +79,12 @@ def test_ties_trim_keeps_the_first_of_equal_magnitudes(monkeypatch):
 def test_trim_threshold_keeps_exactly_k_when_the_sample_misses():
     # the large magnitudes all sit at the end, where a strided sample under-represents them
     d = np.concatenate([np.full(200_000, 1e-3, np.float32), np.linspace(1, 2, 1000, dtype=np.float32)])
-    kth = kernels.trim_threshold(d, 1500)
-    assert np.count_nonzero(np.abs(d) >= kth) == 1500
-    assert np.count_nonzero(d[:200_000]) == 500  # the first 500 of the tied 1e-3 entries, in index order
-    assert d[499] != 0 and d[500] == 0
+    kth, cut = kernels.trim_threshold(d, 1500)
+    kept = (np.abs(d) > kth) | ((np.abs(d) == kth) & (np.arange(d.size) < cut))
+    assert np.count_nonzero(kept) == 1500
+    assert cut == 500  # the first 500 of the tied 1e-3 entries are kept, in index order
+    x, base = d + 0.5, np.full_like(d, 0.5)  # given as `x - base`: the trim of that difference
+    assert kernels.trim_threshold(x, 1500, base=base) == kernels.trim_threshold(x - base, 1500)
 
 
 def test_mt19937_makes_torch_bernoulli_decisions():
@@ -118,3 +120,44 @@ def test_the_streaming_engine_takes_the_fused_path_with_the_same_result(monkeypa
         outs[fused] = load_file(str(tmp_path / f"out{fused}" / "model.safetensors"))
     for name in ("w", "b"):
         assert torch.equal(_bits(outs[False][name]), _bits(outs[True][name]))
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("dare_linear", {"density": 0.5, "seed": 2})])
+def test_releasing_the_inputs_pages_as_the_merge_goes_keeps_the_bits(monkeypatch, tmp_path, method, params):
+    # a tensor above _Release.MIN_BYTES and over one mix chunk: the engine hands the mapped
+    # inputs' pages back after each pass and chunk, and the mix maps them again
+    from safetensors.torch import load_file, save_file
+
+    base, models = _inputs(3, (1100, 1000))
+    for name, t in [("base", base)] + [(f"m{i}", m) for i, m in enumerate(models)]:
+        save_file({"w": t}, str(tmp_path / f"{name}.safetensors"))
+    paths = [str(tmp_path / f"m{i}.safetensors") for i in range(3)]
+    released, upto = [], gta._Release.upto
+
+    def spy(self, j):
+        released.append(j)
+        upto(self, j)
+
+    monkeypatch.setattr(gta._Release, "upto", spy)
+    outs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(gta, "FUSED", fused)
+        merge_checkpoints(method, paths, base=str(tmp_path / "base.safetensors"), output=tmp_path / f"out{fused}",
+                          **params)
+        outs[fused] = load_file(str(tmp_path / f"out{fused}" / "model.safetensors"))["w"]
+    assert released == [kernels._CHUNK, 1100 * 1000]
+    assert torch.equal(_bits(outs[False]), _bits(outs[True]))
+
+
+def test_pages_are_dropped_only_from_file_mappings(tmp_path):
+    import mmap
+
+    from p2pmodel.merge import pages
+
+    data = np.arange(1 << 20, dtype=np.float32)
+    (tmp_path / "x.bin").write_bytes(data.tobytes())
+    with open(tmp_path / "x.bin", "rb") as f:
+        mapped = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.float32)
+    assert pages.file_mapped([mapped]) and not pages.file_mapped([data])
+    pages.drop(mapped)
+    assert np.array_equal(mapped, data)  # read back from the page cache

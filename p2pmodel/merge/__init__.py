@@ -7,6 +7,7 @@
 - `kernels.py`    — the same TIES/DARE arithmetic as fused float32 loops (numba), bit for bit.
 - `mt19937.py`    — torch's CPU Bernoulli stream (MT19937), for DARE in those loops.
 - `workspace.py`  — scratch buffers reused from tensor to tensor while a checkpoint merge streams.
+- `pages.py`      — hands the engine's memory-mapped inputs' pages back to the page cache as it goes.
 - `robust.py`     — the robust family on task vectors: `median`, `trimmed_mean`, `centered_clip`.
 - `functional.py` — `merge_tensor` and `merge_deltas` (one tensor at a time; the swarm's entry).
 - `engine.py`     — `merge_checkpoints`: streams checkpoints tensor by tensor into a new folder.

@@ -335,6 +335,9 @@ def merge_checkpoints(
             return lambda d: torch.stack([above_threshold(d[j], thresholds[i]) for j, i in enumerate(idx)])
 
     n_merged = 0
+    # Tensors from checkpoint files are views of the readers' private file mappings, which
+    # nothing writes to: the merge may hand their pages back as it goes (`pages.py`).
+    mapped = all(isinstance(r, CheckpointReader) for r in all_readers)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         nonlocal n_merged
@@ -361,7 +364,7 @@ def merge_checkpoints(
                 yield name, cast(xs[0])  # mergekit's slerp: a tensor only one model has is copied
                 continue
             merged = merge_one(m, _subset(m, kwargs, idx, len(readers)), xs, b, seed=seed, name=name,
-                               transform=transform_for(name, idx), generator=generator)
+                               transform=transform_for(name, idx), generator=generator, mapped=mapped)
             del xs, b
             release_maps()
             n_merged += 1

@@ -167,6 +167,7 @@ def merge_one(
     name: str = "",
     transform: Callable[[Tensor], Tensor] | None = None,
     generator: torch.Generator | None = None,
+    mapped: bool = False,
 ) -> Tensor:
     """Merge already-validated tensors with resolved `kwargs`; returns the inputs' dtype.
 
@@ -174,6 +175,8 @@ def merge_one(
     and slerp, whose base is one of `tensors`). `transform` maps the stacked task vectors
     before the method sees them (the engine's whole-model TIES trim). `generator`, when given,
     is the stream random methods draw from (and advance), instead of one seeded per tensor.
+    `mapped`: `tensors` and `base` lie in file mappings nobody writes to (the engine's own
+    readers), whose pages may be handed back to the page cache as the merge goes (`pages.py`).
     """
     if m.random and generator is None:
         generator = tensor_generator(seed, name)
@@ -182,7 +185,7 @@ def merge_one(
     if base is not None and transform is None:
         from p2pmodel.merge.gta import fused_merge
 
-        fused = fused_merge(m.name, kwargs, tensors, base, generator)
+        fused = fused_merge(m.name, kwargs, tensors, base, generator, mapped)
         if fused is not None:
             return fused.to(out_dtype)
     if base is None:

@@ -27,6 +27,7 @@ instead of matching the L1 norm.
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Annotated, Literal, Sequence
 
 import numpy as np
@@ -95,14 +96,17 @@ def _fused(
     generator: torch.Generator | None = None,
     models: Sequence[Tensor] | None = None,
     base: Tensor | None = None,
+    mapped: bool = False,
 ) -> Tensor | None:
     """`_mix` after TIES' trim (`trim`: densities) or DARE's drop (`drop`), by the fused float32
     kernels (`kernels.py`); None where they do not apply (the torch path then runs).
 
-    Takes the task vectors as `deltas` (and may overwrite them: callers pass a stack they own),
-    or `models` and `base`, and then returns the merged model: the subtraction and the final
-    `base +` happen inside the kernels' passes. DARE advances `generator` by one draw per entry
-    of every model with density < 1, as `torch.bernoulli` does.
+    Takes the task vectors as `deltas`, or `models` and `base`, and then returns the merged
+    model: the kernels read the models and the base where they lie and subtract in each pass,
+    so no task-vector array is made, and add the base in the mix. DARE advances `generator` by
+    one draw per entry of every model with density < 1, as `torch.bernoulli` does.
+    `mapped`: `models` and `base` lie in file mappings nobody writes to (the engine's inputs);
+    their pages are handed back to the page cache once a pass is done with them (`pages.py`).
     """
     if not FUSED or (trim is not None and rescale != "none") or (drop is not None and rescale == "density"):
         return None  # the rare rescales keep the torch path (its division rounding is torch's)
@@ -111,68 +115,108 @@ def _fused(
         return None
     # Imported here: loading the compiled kernels costs ~0.5 s, which only these merges need.
     from p2pmodel.merge import kernels
-    from p2pmodel.merge.mt19937 import Mt19937, keep_threshold
 
     shape = inputs[0].shape[1:] if models is None else base.shape
     size = math.prod(shape)
     n = len(weights)
-    kept_abs = buffer("kept_abs", (size,), torch.float32) if drop is not None else None
-    need_abs = drop is not None and rescale == "l1"
-    before: list[Tensor | None] = [None] * n
     if models is None:
-        flat = deltas.reshape(n, size).contiguous()
-    else:
-        flat = buffer("deltas", (n, size), torch.float32)
-        b = base.contiguous().numpy()
-        for i, x in enumerate(models):
-            want = need_abs and drop[i] < 1
-            kernels.task_vector(x.contiguous().numpy(), b, flat[i].numpy(), kept_abs.numpy() if want else None)
-            if want:
-                before[i] = kept_abs.sum()  # torch's own reduction, as `d.abs().sum()`
-    d = flat.numpy()  # (n, size), shares memory with `flat`
-    w = torch.tensor(weights, dtype=torch.float32)  # (n,)
-    trims, scale = None, None
+        rows, b = list(deltas.reshape(n, size).contiguous().numpy()), None
+    else:  # `contiguous()` is a no-op for tensors read from safetensors: no copy
+        rows, b = [x.contiguous().reshape(-1).numpy() for x in models], base.contiguous().reshape(-1).numpy()
+    release = _Release.when_mapped(rows, b) if mapped and models is not None else None
+    trims, scale, keep_bits = None, None, None
     if trim is not None:
         flags = buffer("flags", (size,), torch.uint8).numpy()
-        trims = [kernels.trim_threshold(d[i], max(1, int(p * size)), flags) if p < 1 else None
-                 for i, p in enumerate(trim)]
+        trims = []
+        for i, p in enumerate(trim):  # density 1 keeps everything
+            trims.append(kernels.trim_threshold(rows[i], max(1, int(p * size)), flags, base=b) if p < 1 else None)
+            if release:
+                release.model(i)
     if drop is not None:
-        assert generator is not None and kept_abs is not None
-        stream = Mt19937.from_torch(generator)
-        scale = np.ones(n, dtype=np.float32)
-        for i, p in enumerate(drop):
-            if p >= 1:
-                continue
-            if need_abs and before[i] is None:
-                before[i] = torch.abs(flat[i], out=kept_abs).sum()
-            kernels.dare_drop(d[i], stream, keep_threshold(p), kept_abs.numpy())
-            if need_abs:
-                after = kept_abs.sum()
-                if not (before[i] < _RESCALE_EPS or after < _RESCALE_EPS):
-                    scale[i] = (before[i] / after).item()  # float32, as torch's `masked * (before / after)`
-        stream.store(generator)
+        assert generator is not None
+        scale, keep_bits = _drop(kernels, rows, b, drop, rescale, generator, release)
     mode = {None: kernels.MIX_NONE, "sum": kernels.MIX_SUM, "count": kernels.MIX_COUNT}[consensus]
+    w = torch.tensor(weights, dtype=torch.float32)  # (n,)
     divisor = _divisor(w.view(-1, 1)).item() if consensus is None else 1.0
     out = np.empty(size, dtype=np.float32)
-    kernels.mix(d, w.numpy(), mode=mode, normalize=normalize, divisor=divisor, lam=lambda_, scale=scale,
-                trims=trims, base=None if models is None else b, out=out)
+    kernels.mix(rows, w.numpy(), mode=mode, normalize=normalize, divisor=divisor, lam=lambda_, scale=scale,
+                trims=trims, keep_bits=keep_bits, dropped=[p < 1 for p in drop] if drop is not None else None,
+                base=b, out=out, done=release.upto if release else None)
     return torch.from_numpy(out).view(shape)
 
 
+class _Release:
+    """Hands the inputs' pages back to the page cache (`pages.py`) as the passes finish with them."""
+
+    MIN_BYTES = 4 << 20  # smaller tensors: not worth a look at /proc/self/maps (~0.3 ms)
+
+    def __init__(self, rows: list[np.ndarray], base: np.ndarray):
+        from p2pmodel.merge import pages
+
+        self.drop, self.rows, self.base = pages.drop, rows, base
+
+    @classmethod
+    def when_mapped(cls, rows: list[np.ndarray], base: np.ndarray) -> _Release | None:
+        """A `_Release` if the inputs are large and do lie in file mappings, else None."""
+        from p2pmodel.merge import pages
+
+        if base.nbytes < cls.MIN_BYTES or not pages.file_mapped([*rows, base]):
+            return None
+        return cls(rows, base)
+
+    def model(self, i: int) -> None:
+        """Model `i` is done with until the mix (which maps it again a chunk at a time)."""
+        self.drop(self.rows[i])
+
+    def upto(self, j: int) -> None:
+        """The mix is done with entries `[0, j)` of every input."""
+        for a in (*self.rows, self.base):
+            self.drop(a, 4 * j)
+
+
+def _drop(kernels: ModuleType, rows: list[np.ndarray], b: np.ndarray | None, drop: list[float], rescale: Rescale,
+          generator: torch.Generator, release: _Release | None) -> tuple[np.ndarray, np.ndarray]:
+    """DARE's drop for the fused mix: the keep decisions of every model with density < 1 (one bit
+    an entry, `(n, ceil(size / 8))`) and each model's L1 rescale factor (1 where not rescaled)."""
+    from p2pmodel.merge.mt19937 import Mt19937, keep_threshold
+
+    n, size = len(rows), rows[0].size
+    kept_abs = buffer("kept_abs", (size,), torch.float32)  # |d|, then |d * keep|: what the L1 norms sum
+    keep_bits = buffer("keep_bits", (n, (size + 7) // 8), torch.uint8).numpy()
+    stream = Mt19937.from_torch(generator)
+    scale = np.ones(n, dtype=np.float32)
+    for i, p in enumerate(drop):
+        if p >= 1:
+            continue
+        if rescale == "l1":
+            kernels.abs_delta(rows[i], b, kept_abs.numpy())
+            before = kept_abs.sum()  # torch's own reduction, as `d.abs().sum()`
+        kernels.dare_drop(rows[i], b, stream, keep_threshold(p), keep_bits[i], kept_abs.numpy())
+        if rescale == "l1":
+            after = kept_abs.sum()
+            if not (before < _RESCALE_EPS or after < _RESCALE_EPS):
+                scale[i] = (before / after).item()  # float32, as torch's `masked * (before / after)`
+        if release:
+            release.model(i)
+    stream.store(generator)
+    return scale, keep_bits
+
+
 def fused_merge(method: str, kwargs: dict, models: Sequence[Tensor], base: Tensor,
-                generator: torch.Generator | None) -> Tensor | None:
+                generator: torch.Generator | None, mapped: bool = False) -> Tensor | None:
     """The merged model `base + method(models - base)` in the kernels' passes, for the streaming
-    engine; None where the fused path does not apply (the caller then stacks task vectors)."""
-    k = kwargs
+    engine; None where the fused path does not apply (the caller then stacks task vectors).
+    `mapped`: see `_fused`."""
+    k, common = kwargs, {"models": models, "base": base, "mapped": mapped}
     if method == "task_arithmetic":
-        return _fused(None, k["weights"], None, k["normalize"], k["lambda_"], models=models, base=base)
+        return _fused(None, k["weights"], None, k["normalize"], k["lambda_"], **common)
     if method == "ties" and k["scope"] == "tensor":
         return _fused(None, k["weights"], k["consensus"], k["normalize"], k["lambda_"], trim=k["density"],
-                      rescale=k["rescale"], models=models, base=base)
+                      rescale=k["rescale"], **common)
     if method in ("dare_linear", "dare_ties"):
         consensus = k["consensus"] if method == "dare_ties" else None
         return _fused(None, k["weights"], consensus, k["normalize"], k["lambda_"], drop=k["density"],
-                      rescale=k["rescale"], generator=generator, models=models, base=base)
+                      rescale=k["rescale"], generator=generator, **common)
     return None
 
 
