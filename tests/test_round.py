@@ -145,6 +145,15 @@ def reach_vote(m: RoundMachine, me: str, prop: Proposal, version: str = "cd" * 3
     return of(acts, Publish)[0].message
 
 
+def commit_as(me: str, prop: Proposal) -> tuple[RoundMachine, list]:
+    """`me` merges `prop` and votes; ORDER[0] and ORDER[1] vote too (with ours, 3 of 4: a
+    quorum). Returns the machine and the actions the others' votes caused."""
+    m = machine(me)
+    full_round_to_merge(m, me)
+    reach_vote(m, me, prop)
+    return m, [a for v in ORDER[:2] for a in m.process(MessageReceived(33.0, vote(v, prop), v))]
+
+
 # ---- the table -------------------------------------------------------------------------
 
 
@@ -396,12 +405,8 @@ def test_merge_done_publishes_one_vote():
 
 
 def test_double_quorum_commits_our_own_result():
-    m = machine(ORDER[3])
-    full_round_to_merge(m, ORDER[3])
     prop = proposal(ORDER[0])
-    reach_vote(m, ORDER[3], prop)
-    m.process(MessageReceived(33.0, vote(ORDER[0], prop), ORDER[0]))
-    acts = m.process(MessageReceived(33.0, vote(ORDER[1], prop), ORDER[1]))
+    m, acts = commit_as(ORDER[3], prop)
     (c,) = of(acts, CommitVersion)
     assert (c.round, c.version_id, len(c.votes)) == (R, "cd" * 32, 3)
     assert m.round == R + 1 and m.head_version == "cd" * 32 and m.electorate == frozenset(prop.members)
@@ -583,23 +588,15 @@ def test_a_peer_that_catches_up_also_announces_for_the_next_round():
 
 def test_a_member_that_stays_in_the_electorate_does_not_announce_the_next_round():
     # its delta and vote show it is here; the others expect its delta as an electorate member
-    m = machine(ORDER[3])
-    full_round_to_merge(m, ORDER[3])
-    prop = proposal(ORDER[0])
-    reach_vote(m, ORDER[3], prop)
-    m.process(MessageReceived(33.0, vote(ORDER[0], prop), ORDER[0]))
-    acts = m.process(MessageReceived(33.0, vote(ORDER[1], prop), ORDER[1]))
+    m, acts = commit_as(ORDER[3], proposal(ORDER[0]))
     assert m.round == R + 1 and ORDER[3] in m.electorate
     assert not [a for a in of(acts, Publish) if isinstance(a.message, PeerAnnouncement)]
     assert m.announcement(40.0).round == R + 1  # what the shell writes into the roster when due
 
 
 def test_a_member_left_out_of_the_commit_announces_the_next_round():
-    m = machine(ORDER[3])
-    full_round_to_merge(m, ORDER[3])
-    prop = proposal(ORDER[0], members=ORDER[:3], deltas=[ProposalDelta(p, delta_hash(p), 10.0) for p in sorted(ORDER[:3])])
-    reach_vote(m, ORDER[3], prop)
-    acts = [a for v in ORDER[:2] for a in m.process(MessageReceived(33.0, vote(v, prop), v))]
+    left_out = proposal(ORDER[0], members=ORDER[:3], deltas=[ProposalDelta(p, delta_hash(p), 10.0) for p in sorted(ORDER[:3])])
+    m, acts = commit_as(ORDER[3], left_out)
     assert m.round == R + 1 and ORDER[3] not in m.electorate
     # round R + 1 was announced on start (as "next"); entering it announces the one after
     assert [a.message.round for a in of(acts, Publish) if isinstance(a.message, PeerAnnouncement)] == [R + 2]
