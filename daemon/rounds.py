@@ -111,7 +111,9 @@ logger = get_logger(__name__)
 # trigger reads of their own.
 POLL_MIN = 10.0  # seconds between reads of the current round's keys after a read that found news
 POLL_MAX = 300.0  # each read that finds nothing new doubles the interval, up to this
-POLL_HEAD_EVERY = 300.0  # seconds between reads of the head key and the next round's members
+POLL_HEAD_EVERY = 300.0  # seconds between reads of the head key and the next round's members ...
+POLL_HEAD_STALE = 60.0  # ... or this, while we have not committed for as long: a laggard that
+# no one pushes to any more (its announcements name an old round) learns the head this way
 POLL_BEFORE_DEADLINE = 2.0  # the round's keys are read this long before each machine deadline
 POLL_TICK = 0.5  # seconds between checks of the above
 DISK_CHECK_EVERY = 5.0  # seconds between free-space checks (daemon/disk.py)
@@ -167,7 +169,8 @@ class _Delivery:
 
     interval: float = POLL_MIN
     next_read: float = 0.0  # 0: at once (a node that just started reads what it missed)
-    next_head: float = 0.0
+    last_head: float = -math.inf  # when the head key was last read (-inf: read at once)
+    last_commit: float = field(default_factory=time.monotonic)  # when we last committed a round (or started)
     deadline_read: float | None = None  # the machine deadline we already read for
     last_read: float = 0.0
     head_due: bool = False  # a record showed a head newer than ours: read the head key soon
@@ -280,10 +283,11 @@ class RoundRunner:
         store = self.store
         head = store.branches()["main"]
         version = await asyncio.to_thread(store.get_version, head)
-        await self._learn_peers([])  # the roster: push to the swarm from our first record on
+        first = 0 if version.round is None else version.round + 1
+        await self._learn_peers([], alive_at=first)  # the roster: push to the swarm from our first record on
         best = await self._newest_commit(head, self._electorate_of(version))
         if best is not None and (version.round is None or best.round > version.round):
-            await self._learn_peers([best.round, best.round + 1])
+            await self._learn_peers([best.round, best.round + 1], alive_at=best.round + 1)
             peers = self._libp2p_for(best.members)
             t0 = time.monotonic()
             await sync_version(self.transport, store, best, peers, branch="main")
@@ -305,7 +309,7 @@ class RoundRunner:
             except RemoteProtocolError as e:
                 logger.debug("ignoring head record", error=str(e))
         for record_msg, publisher in sorted(commits, key=lambda c: c[0].round, reverse=True):
-            await self._learn_peers([record_msg.round, record_msg.round + 1])
+            await self._learn_peers([record_msg.round, record_msg.round + 1], alive_at=record_msg.round + 1)
             try:
                 msg = await fetch_commit_certificate(self.transport, record_msg, self._certificate_sources(publisher))
             except SyncError as e:
@@ -338,8 +342,14 @@ class RoundRunner:
         """libp2p ids to fetch a Commit's certificate from: its publisher, then peers we push to."""
         return [*self._libp2p_for([publisher]), *self._push_targets()][:8]
 
-    async def _learn_peers(self, rounds: list[int]) -> None:
-        """Meet the event's peers: the roster, and who announced itself for `rounds` by DHT."""
+    async def _learn_peers(self, rounds: list[int], alive_at: int) -> None:
+        """Meet the event's peers: the roster, and who announced itself for `rounds` by DHT.
+
+        A roster entry names the round its peer was in when it was written (up to 10 minutes
+        ago: members of the electorate announce nothing per round), so every peer met here
+        counts as seen in `alive_at`, the round we are about to enter: our first records are
+        pushed to them (`_push_targets`), and theirs come back once they know us.
+        """
         keys = [f"{self.prefix}/peers", *(f"{self.prefix}/r/{r}/members" for r in rounds)]
         try:
             found = await self.transport.fetch_many(keys, kind="record")
@@ -354,11 +364,16 @@ class RoundRunner:
                     continue
                 if isinstance(msg, PeerAnnouncement) and msg.event_hash == self.event.event_hash():
                     await self._note_peer(msg)
+                    peer = self._peers.get(msg.peer_id)
+                    if peer is not None and peer.last_round >= 0:
+                        peer.last_round = max(peer.last_round, alive_at)
 
     async def _note_peer(self, msg: PeerAnnouncement) -> None:
         self._observe(msg)
         known = self._peers.get(msg.peer_id)
-        if known is None or known.libp2p_id != msg.libp2p_id:
+        # A restarted peer keeps its libp2p id but listens on new ports: dial its new addresses
+        # (else pushes to it fail and it learns the swarm's progress only from the DHT).
+        if known is None or known.libp2p_id != msg.libp2p_id or known.addrs != tuple(msg.addrs):
             self._peers[msg.peer_id] = _Peer(msg.libp2p_id, tuple(msg.addrs), msg.round)
             if msg.peer_id != self.identity.peer_id and msg.addrs:
                 try:
@@ -587,8 +602,9 @@ class RoundRunner:
         start, then every POLL_MIN seconds, backing off to POLL_MAX while reads bring nothing new,
         once shortly before each of the machine's deadlines (a timed decision should see every
         record), and soon after a record came from a peer whose announcement we missed; the head
-        key and the next round's members every POLL_HEAD_EVERY seconds, or soon after a record
-        showed a head newer than ours. On exit, queued pushes get 2 s to go out."""
+        key and the next round's members every POLL_HEAD_EVERY seconds (POLL_HEAD_STALE while we
+        have not committed for that long), or soon after a record showed a head newer than ours
+        or a round of ours failed. On exit, queued pushes get 2 s to go out."""
         poll = self._delivery
         try:
             while True:
@@ -603,13 +619,14 @@ class RoundRunner:
                         and deadline - time.time() <= POLL_BEFORE_DEADLINE
                         and now - poll.last_read >= POLL_BEFORE_DEADLINE
                     )
-                    head = now >= poll.next_head or (poll.head_due and now >= poll.next_head - POLL_HEAD_EVERY + POLL_MIN)
+                    every = POLL_HEAD_EVERY if now - poll.last_commit < POLL_HEAD_STALE else POLL_HEAD_STALE
+                    head = now >= poll.last_head + every or (poll.head_due and now >= poll.last_head + POLL_MIN)
                     due = poll.read_due and now - poll.last_read >= POLL_BEFORE_DEADLINE
                     if near or head or due or now >= poll.next_read:
                         keys = [f"{self.prefix}/r/{r}/{k}" for k in ("members", "deltas", "proposal", "votes")]
                         if head:
                             keys += [f"{self.prefix}/r/{r + 1}/members", f"{self.prefix}/head", f"{self.prefix}/peers"]
-                            poll.next_head, poll.head_due = now + POLL_HEAD_EVERY, False
+                            poll.last_head, poll.head_due = now, False
                         why = "deadline" if near else "head" if head else "missed_peer" if due else "interval"
                         poll.dht_reads[why] += 1
                         if near:
@@ -732,6 +749,7 @@ class RoundRunner:
         elif isinstance(a, rm.Merge):
             self._spawn(self._merge(a), f"merge r{a.proposal.round}")
         elif isinstance(a, rm.CommitVersion):
+            self._delivery.last_commit = time.monotonic()
             await self._commit_version(a)
         elif isinstance(a, rm.PublishCommit):
             self._spawn(self._publish_commit(a), f"commit r{a.round}")
@@ -739,6 +757,7 @@ class RoundRunner:
             self._spawn(self._sync(a), f"sync {a.version_id[:8]}")
         elif isinstance(a, rm.RoundFailed):
             logger.warning("round failed", round=a.round, reason=a.reason)
+            self._delivery.head_due = True  # the swarm may have moved on without us: read the head soon
         else:  # a new action type is our bug, never something to skip quietly
             raise TypeError(f"unknown action {a!r}")
 
