@@ -269,7 +269,7 @@ def test_the_default_event_and_the_demo_timing_are_valid():
     from p2pmodel.cli.swarm import _demo_event
 
     assert event_from_mapping({}) == EventConfig()
-    event_from_mapping(_demo_event(30, 3))
+    event_from_mapping(_demo_event(30, 3, 6))
 
 
 # ------------------------------------------------------------------ the command line

@@ -150,11 +150,13 @@ class DemoError(P2PModelError):
         super().__init__(f"demo failed: {reason}")
 
 
-def _demo_event(inner_steps: int, nodes: int) -> dict:
+def _demo_event(inner_steps: int, nodes: int, rounds: int) -> dict:
     # Short windows sized for a loaded 2-core machine: a round is ~training + collect window.
+    # A planned event: the inner lr decays over the demo's rounds (see EventConfig.lr_schedule).
     return {
         "name": "demo",
         "inner_steps": inner_steps,
+        "lr_decay_steps": rounds * inner_steps if rounds > 0 else 0,
         "collect_window": 25.0,
         "proposal_timeout": 8.0,
         "min_members": nodes,  # every round waits for all demo nodes (up to the collect window)
@@ -174,7 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = Path(args.dir or tempfile.mkdtemp(prefix="p2pmodel-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     event_path = root / "event.json"
-    event_path.write_text(json.dumps(_demo_event(args.inner_steps, args.nodes), indent=2))
+    event_path.write_text(json.dumps(_demo_event(args.inner_steps, args.nodes, args.rounds), indent=2))
     exe = [sys.executable, "-c", "import sys; from p2pmodel.cli import main; sys.exit(main())"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cpu = max(1, (os.cpu_count() or 2) // args.nodes)
