@@ -105,8 +105,7 @@ class Trainer:
         Steps already taken ahead (see `train_ahead`) are rebased onto `base` and count toward
         `steps`; the result's steps and samples include them. Stops early when `stop()` is
         called (the delta then covers the steps taken). `first_step` is the round's place on
-        the swarm's step clock (the lr schedule's); steps taken ahead went on from the last
-        round's clock, which is where this round's begins.
+        the swarm's step clock (the lr schedule's); steps taken ahead count as this round's first.
         """
         ahead = await self._stop_ahead()
         self._stop.clear()
@@ -117,6 +116,7 @@ class Trainer:
         assert self._inner is not None, "Trainer.start() first"
         if ahead is not None and ahead.steps:
             self._inner.rebase(base)
+            self._inner.step = first_step + ahead.steps  # back on the swarm's clock, whatever the last round took
         else:
             self._inner.load_base(base)
             self._inner.step = first_step

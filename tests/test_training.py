@@ -285,3 +285,33 @@ def test_the_nodes_trainer_starts_each_round_at_its_place_on_the_clock(task):
             trainer.close()
 
     assert asyncio.run(main()) == pytest.approx(1e-3)
+
+
+def test_steps_taken_ahead_count_as_the_next_rounds_first_on_the_clock(task):
+    import asyncio
+    import time
+
+    from p2pmodel.daemon.trainer import Trainer
+
+    async def main() -> tuple[int, int]:
+        trainer = Trainer(task, "cpu", lr=1e-2, peer_seed=0, cpu_threads=1, lr_schedule=LRSchedule(total_steps=1000))
+        try:
+            base = task.build_model().state_dict()
+            await trainer.start(base)
+            await trainer.train_round(base, 2, first_step=0)
+            before = time.monotonic()
+            trainer.train_ahead(50)
+            deadline = before + 60
+            p = trainer.progress
+            while not (p.started > before and p.step >= 1):  # a step taken ahead (a condition, not a sleep)
+                assert time.monotonic() < deadline, "no step was taken ahead"
+                await asyncio.sleep(0.01)
+            ahead = p.step
+            result, _ = await trainer.train_round(base, 60, first_step=500)  # the swarm is at step 500
+            return trainer._inner.step, result.steps, ahead
+        finally:
+            trainer.close()
+
+    step, steps, ahead = asyncio.run(main())
+    assert ahead >= 1 and steps == 60
+    assert step == 500 + steps  # ahead steps and this round's own, on the swarm's clock
