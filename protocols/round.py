@@ -813,7 +813,7 @@ class RoundMachine:
         self._sync = None
         self.counters["rounds_committed"] += 1
         self._move(QuorumReached)
-        self._enter(max(s.round + 1, v.round), now, out, catching_up=True)
+        self._enter(max(s.round + 1, v.round), now, out, catching_up=True, committed=True)
 
     # ---- time and progress -------------------------------------------------------------
 
@@ -1084,7 +1084,7 @@ class RoundMachine:
     def _next_round_after(self, head_round: int | None) -> int:
         return 0 if head_round is None else head_round + 1
 
-    def _enter(self, round_: int, now: float, out: list[Action], catching_up: bool = False) -> None:
+    def _enter(self, round_: int, now: float, out: list[Action], catching_up: bool = False, committed: bool = False) -> None:
         """Enter `round_` on the current head.
 
         `catching_up`: we joined or synced a commit we did not vote on, so the others may
@@ -1103,11 +1103,13 @@ class RoundMachine:
         self._view = v = RoundView(round_, self.head_version, now)
         out.append(EnterRound(round_, v.base))
         # One announcement per round: a peer catching up announced this round already (as "next").
-        # A member of the electorate that was in the last round needs none, for this round or the
-        # next: every peer on this head expects its delta already (`_expected`), and its delta or
-        # vote makes it a member (at 8 peers the announcements were a third of all pushes). A
-        # peer that (re)starts, or whose delta the commit left out, announces as before.
-        implied = prev is not None and prev.round == round_ - 1 and self.peer.peer_id in self.electorate
+        # A member of the electorate that was in the round just committed needs none, for this
+        # round or the next: every peer on this head expects its delta already (`_expected`), and
+        # its delta or vote makes it a member (at 8 peers the announcements were a third of all
+        # pushes). A peer that (re)starts, whose delta the commit left out, or whose last round
+        # failed (a partition: the announcements, pushed or stored in the DHT when a push fails,
+        # are how the sides find each other again) announces as before.
+        implied = committed and prev is not None and prev.round == round_ - 1 and self.peer.peer_id in self.electorate
         if round_ not in self._announced_rounds and not implied:
             out.append(Publish(self._announcement(round_, now)))
         if catching_up and not implied:

@@ -602,6 +602,16 @@ def test_a_member_left_out_of_the_commit_announces_the_next_round():
     assert [a.message.round for a in of(acts, Publish) if isinstance(a.message, PeerAnnouncement)] == [R + 2]
 
 
+def test_a_member_whose_round_failed_announces_again():
+    # a partition: announcements (pushed, or stored when a push fails) let the sides meet again
+    m = machine(ORDER[3])
+    assert ORDER[3] in m.electorate
+    acts = m.process(Tick(CFG.round_deadline + 0.5)) + m.process(Tick(2 * CFG.round_deadline + 1.0))
+    assert m.round == R + 2
+    # R + 1 was announced on start (as "next"); R + 2 after the second failure
+    assert [a.message.round for a in of(acts, Publish) if isinstance(a.message, PeerAnnouncement)] == [R + 2]
+
+
 def test_no_proposal_without_a_delta_to_merge():
     m = machine(ORDER[0])
     for pid in IDS[:4]:
