@@ -791,6 +791,10 @@ class RoundRunner:
             kept, kept_samples = self._kept
             start = {k: base[k] + kept[k].to(base[k].dtype) for k in base}
         result, delta = await self.trainer.train_round(start, self._step_budget(), first_step=a.round * self.event.inner_steps)
+        # Never idle while the swarm merges, nor while our delta is encoded (the encode and its
+        # norm run in the other thread); bounded so a stalled swarm does not grow one delta forever.
+        if self.event.train_ahead:
+            self.trainer.train_ahead(3 * self.event.inner_steps)
         samples = result.samples + kept_samples
         if self._kept is not None:
             delta = {k: delta[k] + self._kept[0][k] for k in delta}  # relative to the round's base
@@ -823,9 +827,6 @@ class RoundRunner:
             ratio=round(encoded.ratio, 1),
         )
         self._post(rm.TrainingDone(time.time(), h, max(1, samples), len(encoded.data), norm=norm))
-        # never idle while the swarm merges; bounded so a stalled swarm does not grow one delta forever
-        if self.event.train_ahead:
-            self.trainer.train_ahead(3 * self.event.inner_steps)
 
     def _serves(self, libp2p_id: str) -> bool:
         """Private events serve objects only to the libp2p ids their allowed peers announced."""
