@@ -159,7 +159,13 @@ class RoundTimes:
 class _Peer:
     libp2p_id: str
     addrs: tuple[str, ...]
-    last_round: int = -1
+    last_round: int = -1  # the latest round we know it was in (-1: departed; pushes go to recent ones)
+
+    def seen_in(self, round_: int) -> None:
+        """It was in `round_` (its record, or the roster): keep it among our push targets. A
+        departed peer comes back only with an announcement of its own (`_note_peer`)."""
+        if self.last_round >= 0:
+            self.last_round = max(self.last_round, round_)
 
 
 @dataclass
@@ -364,9 +370,8 @@ class RoundRunner:
                     continue
                 if isinstance(msg, PeerAnnouncement) and msg.event_hash == self.event.event_hash():
                     await self._note_peer(msg)
-                    peer = self._peers.get(msg.peer_id)
-                    if peer is not None and peer.last_round >= 0:
-                        peer.last_round = max(peer.last_round, alive_at)
+                    if (peer := self._peers.get(msg.peer_id)) is not None:
+                        peer.seen_in(alive_at)
 
     async def _note_peer(self, msg: PeerAnnouncement) -> None:
         self._observe(msg)
@@ -711,10 +716,10 @@ class RoundRunner:
             self._observe(msg)
             known = self._peers.get(signer)
             r = getattr(msg, "round", None)
-            if known is not None and known.last_round >= 0 and isinstance(r, int):
+            if known is not None and isinstance(r, int):
                 # An electorate member announces itself only when it (re)joins: its deltas and
-                # votes show it is still here, and keep it among our push targets.
-                known.last_round = max(known.last_round, r)
+                # votes show it is still here.
+                known.seen_in(r)
         self._post(rm.MessageReceived(time.time(), msg, signer))
         return True
 

@@ -1091,6 +1091,8 @@ class RoundMachine:
         close this round before our announcement reaches them (with early close, a fast
         swarm would then never wait for us). We also announce for the next round, where
         they will count us as an expected member and wait for our delta.
+        `committed`: the last round committed the head we enter on (not a failure, not a
+        start), which lets a member of its electorate skip its announcements.
         """
         assert self.head_version is not None
         # Results may come back many rounds later (a long sync while the swarm moved on): keep
