@@ -23,14 +23,16 @@ import msgpack
 from p2pmodel.daemon.logs import get_logger
 from p2pmodel.daemon.transport import StreamOpenError, Transport
 from p2pmodel.lineage import LineageError, LineageStore
-from p2pmodel.protocols.messages import MAX_MEMBERS
+from p2pmodel.protocols.limits import MAX_CERTIFICATE, MAX_MEMBERS
 
 __all__ = ["CERTIFICATE_PROTOCOL", "MAX_CERTIFICATE_BYTES", "CertificateFetchError", "serve_certificates", "fetch_certificate"]
 
 logger = get_logger(__name__)
 
 CERTIFICATE_PROTOCOL = "/p2pmodel/certificate/1"
-MAX_CERTIFICATE_BYTES = 1 << 20  # ~2,500 signed votes; a certificate holds at most MAX_MEMBERS
+# The bound SPEC.md gives a certificate of MAX_MEMBERS votes (5 + n x 2179 bytes), the same one the
+# by-hash path uses (protocols.certificate.certificate_limit): 1 MiB would refuse a full one.
+MAX_CERTIFICATE_BYTES = MAX_CERTIFICATE
 _LEN = struct.Struct(">I")
 _TIMEOUT = 10.0  # seconds for one request (a certificate is a few kB)
 
