@@ -14,6 +14,13 @@ A merged version's id is sha256 of (base, ordered delta hashes, weights), so hon
 agree and liars, who salt it, do not. Traffic is counted per peer and message type with real
 encoded sizes (`messages.encode` + the signed envelope's overhead); delta payloads count
 their announced size. Everything is seeded: the same `SimConfig` gives the same run.
+
+Bytes follow what the daemon sends (`WireModel`): a record is pushed to each other peer (its
+bytes plus a push's framing, counted once per receiver); a Commit is not pushed but stored once
+in the DHT by its publisher, and only a peer that did not commit the round from the votes it
+was pushed reads it and fetches its certificate; the DHT's background reads and roster stores
+are charged per second of a peer's time. The per-operation costs were measured on loopback
+(`scripts/bench_control --micro`), so the totals can be checked against real daemons.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from .round import (
     MergeDone,
     MessageReceived,
     PeerInfo,
+    Phase,
     Publish,
     PublishCommit,
     RoundConfig,
@@ -54,7 +62,7 @@ from .round import (
     VersionSynced,
 )
 
-__all__ = ["Fault", "NetConfig", "Partition", "SimConfig", "Simulation", "SimResult", "sim_peer_info"]
+__all__ = ["Fault", "NetConfig", "Partition", "SimConfig", "Simulation", "SimResult", "WireModel", "sim_peer_info"]
 
 GENESIS = hashlib.sha256(b"p2pmodel-sim-genesis").hexdigest()
 
@@ -69,6 +77,32 @@ class Fault(Enum):
 
 
 @dataclass(frozen=True)
+class WireModel:
+    """What the daemon's transport puts on the wire around the protocol's own bytes.
+
+    Measured by `scripts/bench_control --micro` on loopback (2026-12-01, bytes of all peers):
+    one 382 B record pushed to 2 peers 1,280 B; a 100,000 B object fetched 100,705 B; one DHT
+    store 3,568 / 13,937 / 17,775 B and one search of 4 keys 4,968 / 16,394 / 26,174 B with
+    3 / 6 / 8 nodes. Past 8 nodes the DHT costs are extrapolated: per node, up to Kademlia's
+    k nodes that a store or search reaches.
+    """
+
+    push_overhead: int = 258  # bytes per record pushed to one peer besides the record (frame, answer, yamux/noise/TCP)
+    fetch_overhead: float = 0.007  # of a fetched object's bytes (request, stream framing, ACKs)
+    dht_store_per_node: int = 2_200  # bytes of one DHT store per node in the swarm, up to dht_k nodes
+    dht_search_per_node: int = 3_300  # one search of a round's keys, likewise
+    dht_k: int = 20
+    poll_every: float = 300.0  # seconds between a peer's DHT reads while pushes deliver (rounds.POLL_MAX)
+    roster_every: float = 600.0  # seconds between a peer's roster stores (rounds.ROSTER_REFRESH)
+
+    def dht_store(self, n: int) -> int:
+        return self.dht_store_per_node * min(n, self.dht_k)
+
+    def dht_search(self, n: int) -> int:
+        return self.dht_search_per_node * min(n, self.dht_k)
+
+
+@dataclass(frozen=True)
 class NetConfig:
     """The simulated network."""
 
@@ -79,6 +113,7 @@ class NetConfig:
     max_retries: int = 3  # failed attempts after which the reader misses the record
     duplicate: float = 0.0  # probability a read returns the record a second time
     bandwidth: float = 12.5e6  # bytes/s of one payload stream (100 Mbit/s)
+    wire: WireModel = WireModel()
 
 
 @dataclass(frozen=True)
@@ -235,6 +270,7 @@ class Simulation:
         self.received: dict[int, Counter] = defaultdict(Counter)
         self.received_bytes: dict[int, Counter] = defaultdict(Counter)
         self.latest: tuple[int, str, frozenset[str]] | None = None  # the DHT head key
+        self._upkeep_from: dict[int, float] = {}  # peer -> time up to which its DHT upkeep was charged
         joins = dict(config.joins)
         self.electorate = frozenset(p.info.peer_id for p in self.peers if p.idx not in joins)
         for p in self.peers:
@@ -274,6 +310,8 @@ class Simulation:
                     p.ticks.discard(t)
                     self._feed(p, Tick(t))
                 elif isinstance(payload, _Delivery):
+                    if isinstance(payload.message, CertifiedCommit):
+                        self._charge_commit_read(p, payload)
                     self._feed(p, MessageReceived(t, payload.message, payload.sender))
                 else:
                     if isinstance(payload, TrainingDone):
@@ -292,6 +330,7 @@ class Simulation:
 
     def _start(self, p: _Peer) -> None:
         p.started = True
+        self._upkeep_from[p.idx] = self.now
         if self.latest is None:
             head, head_round, electorate = GENESIS, None, self.electorate
         else:
@@ -349,6 +388,7 @@ class Simulation:
                 vid = hashlib.sha256(f"lie:{p.idx}:{vid}".encode()).hexdigest()
             self._event_later(p, cfg.merge_time, MergeDone(0.0, a.proposal_hash, vid, {"eval_loss": 1.0}))
         elif isinstance(a, CommitVersion):
+            self._charge_upkeep(p, a.round)
             p.commits[a.round] = a.version_id
             self._check_done = True
             self.commit_times[p.idx][a.round] = self.now
@@ -380,6 +420,7 @@ class Simulation:
             self.sent_bytes[owner.idx][key] += self.cfg.delta_size
             self.received[p.idx][key] += 1
             self.received_bytes[p.idx][key] += self.cfg.delta_size
+            self._charge(owner.idx, p.idx, ("stream", info[1]), round(self.cfg.delta_size * self.cfg.net.wire.fetch_overhead), 0)  # type: ignore[index]
         else:
             t += self.cfg.net.retry_interval * self.cfg.net.max_retries  # the daemon gives up after retries
         self._event_later(p, t, DeltaFetched(0.0, a.delta_hash, ok))
@@ -418,17 +459,61 @@ class Simulation:
         if isinstance(msg, Vote) and p.fault is Fault.EQUIVOCATE:
             fake = hashlib.sha256(f"equivocate:{p.idx}:{msg.round}".encode()).hexdigest()
             variants.append(dataclasses.replace(msg, version_id=fake))
-        sizes = [self._size(m) for m in variants]
+        wire = self.cfg.net.wire
         key = (kind, msg.round)  # type: ignore[attr-defined]
-        self.sent[p.idx][key] += 1
-        self.sent_bytes[p.idx][key] += sizes[0]
+        if isinstance(msg, CertifiedCommit):
+            # Not pushed: stored once under the head key. Every peer gets it (the simulated DHT
+            # read), but only one that did not commit the round pays for reading it.
+            self._charge(p.idx, None, key, len(encode(msg.commit)) + SIGNED_OVERHEAD)
+            self._charge(p.idx, None, ("dht", msg.round), wire.dht_store(self.cfg.n_peers), 0)
+            for q in self.peers:
+                if q is not p:
+                    self._deliver(q, p.idx, msg, self._size(msg), charge=False)
+            return
+        if kind == "departure":
+            self._charge(p.idx, None, ("dht", msg.round), wire.dht_store(self.cfg.n_peers), 0)  # type: ignore[attr-defined]
+        sizes = [self._size(m) + wire.push_overhead for m in variants]
         for q in self.peers:
             if q is p:
                 continue
             which = (q.idx % 2) if len(variants) == 2 else 0
+            self._charge(p.idx, None, key, sizes[which])
             self._deliver(q, p.idx, variants[which], sizes[which])
 
-    def _deliver(self, q: _Peer, src: int, msg: Message, size: int) -> None:
+    def _charge(self, src: int, dst: int | None, key: tuple[str, int], nbytes: int, messages: int = 1) -> None:
+        """Count `nbytes` (and `messages`) sent by `src` and, when given, received by `dst`."""
+        self.sent[src][key] += messages
+        self.sent_bytes[src][key] += nbytes
+        if dst is not None:
+            self.received[dst][key] += messages
+            self.received_bytes[dst][key] += nbytes
+
+    def _charge_commit_read(self, q: _Peer, d: _Delivery) -> None:
+        """A peer that did not commit the Commit's round itself reads the head key and fetches the
+        certificate by its hash from the publisher (live peers commit from the votes pushed)."""
+        msg = d.message
+        assert isinstance(msg, CertifiedCommit)
+        if msg.round in q.commits:
+            return
+        if q.machine.round == msg.round and q.machine.phase is Phase.VOTED:
+            return  # it voted in this round: the others' votes are pushed to it (the sim's commit may just be faster)
+        wire, src = self.cfg.net.wire, self.by_id[d.sender].idx
+        self._charge(q.idx, None, ("dht", msg.round), wire.dht_search(self.cfg.n_peers), 0)
+        self.received[q.idx][("commit", msg.round)] += 1
+        self.received_bytes[q.idx][("commit", msg.round)] += len(encode(msg.commit)) + SIGNED_OVERHEAD
+        blob = len(msg.blob())
+        self._charge(src, q.idx, ("certificate", msg.round), blob + round(blob * wire.fetch_overhead))
+
+    def _charge_upkeep(self, p: _Peer, round_: int) -> None:
+        """The DHT reads (one search per poll_every) and roster stores (one per roster_every) a
+        peer makes in the background, for the time since the last charge."""
+        wire, n = self.cfg.net.wire, self.cfg.n_peers
+        dt = self.now - self._upkeep_from.get(p.idx, self.now)
+        self._upkeep_from[p.idx] = self.now
+        cost = dt * (wire.dht_search(n) / wire.poll_every + wire.dht_store(n) / wire.roster_every)
+        self._charge(p.idx, None, ("dht", round_), round(cost), 0)
+
+    def _deliver(self, q: _Peer, src: int, msg: Message, size: int, charge: bool = True) -> None:
         net = self.cfg.net
         t = self._reachable(src, q.idx, self.now)
         for attempt in range(net.max_retries + 1):
@@ -437,9 +522,10 @@ class Simulation:
                 continue
             t += self._delay()
             # Counted when scheduled, so reads still in flight when the run stops are not lost.
-            key = (msg.TYPE, msg.round)  # type: ignore[attr-defined]
-            self.received[q.idx][key] += 1
-            self.received_bytes[q.idx][key] += size
+            if charge:
+                key = (msg.TYPE, msg.round)  # type: ignore[attr-defined]
+                self.received[q.idx][key] += 1
+                self.received_bytes[q.idx][key] += size
             self._push(t, q.idx, "event", _Delivery(msg, self.peers[src].info.peer_id, size))
             if net.duplicate and self.rng.random() < net.duplicate:
                 self._push(t + self._delay(), q.idx, "event", _Delivery(msg, self.peers[src].info.peer_id, size))

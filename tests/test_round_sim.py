@@ -18,7 +18,7 @@ import os
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from p2pmodel.protocols.sim import Fault, NetConfig, Partition, SimConfig, Simulation
+from p2pmodel.protocols.sim import Fault, NetConfig, Partition, SimConfig, Simulation, WireModel
 
 ROUND_DEADLINE = SimConfig().round.round_deadline
 
@@ -132,3 +132,47 @@ def test_a_few_hundred_peers_with_a_lying_minority_commit_one_version():
     committed = result.committed_ids()
     assert len(committed) >= 1 and all(len(ids) == 1 for ids in committed.values())
     assert all(len(result.commits[p]) >= 1 for p in result.honest)
+
+
+# ---- the byte model (what scripts/scale_study reports; checked against real daemons in the README)
+
+
+def _per_round(res, table, kind: str) -> float:
+    rounds = min(len(res.commits[p]) for p in res.honest)
+    total = sum(v for p in res.honest for (k, r), v in table.get(p, {}).items() if k == kind and r < rounds)
+    return total / (rounds * len(res.honest))
+
+
+def test_a_record_push_costs_its_bytes_plus_the_push_overhead_at_every_other_peer():
+    plain = Simulation(SimConfig(n_peers=5, rounds=3, seed=1, net=NetConfig(wire=WireModel(push_overhead=0)))).run()
+    framed = Simulation(SimConfig(n_peers=5, rounds=3, seed=1, net=NetConfig(wire=WireModel(push_overhead=100)))).run()
+    votes = _per_round(framed, framed.sent, "vote")
+    assert votes >= 3.5  # each peer's vote goes to the 4 others (a peer's vote may be missing from a round)
+    extra = _per_round(framed, framed.sent_bytes, "vote") - _per_round(plain, plain.sent_bytes, "vote")
+    assert extra == 100 * votes
+
+
+def test_live_peers_commit_from_pushed_votes_and_never_pay_for_a_certificate():
+    res = Simulation(SimConfig(n_peers=6, rounds=4, seed=2)).run()
+    assert _per_round(res, res.received_bytes, "certificate") == 0
+    assert _per_round(res, res.sent, "commit") <= 1 / 6 + 1e-9  # one publisher per round stores it
+
+
+def test_a_peer_that_missed_the_votes_fetches_the_commit_and_its_certificate():
+    cut = Partition(0.0, 60.0, (frozenset({0, 1, 2, 3, 4}), frozenset({5})))
+    res = Simulation(SimConfig(n_peers=6, rounds=4, seed=3, partitions=(cut,))).run()
+    lagging = res.received_bytes[5]
+    assert sum(v for (k, _), v in lagging.items() if k == "certificate") > 0
+    assert all(sum(v for (k, _), v in res.received_bytes[p].items() if k == "certificate") == 0 for p in (0, 1, 2, 3, 4))
+
+
+def test_dht_upkeep_is_charged_per_second_of_a_peer_s_time():
+    def upkeep(train: float) -> float:
+        runs = [
+            Simulation(SimConfig(n_peers=4, rounds=3, seed=4, train_time=(train, train), net=NetConfig(wire=w))).run()
+            for w in (WireModel(), WireModel(poll_every=float("inf"), roster_every=float("inf")))
+        ]
+        return _per_round(runs[0], runs[0].sent_bytes, "dht") - _per_round(runs[1], runs[1].sent_bytes, "dht")
+
+    fast, slow = upkeep(5.0), upkeep(40.0)
+    assert fast > 0 and slow > 2 * fast  # rounds about 3x longer: about 3x the background reads and stores
