@@ -83,23 +83,23 @@ class WireModel:
     Measured by `scripts/bench_control --micro` on loopback (2026-12-01, bytes of all peers):
     one 382 B record pushed to 2 peers 1,280 B; a 100,000 B object fetched 100,705 B; one DHT
     store 3,568 / 13,937 / 17,775 B and one search of 4 keys 4,968 / 16,394 / 26,174 B with
-    3 / 6 / 8 nodes. Past 8 nodes the DHT costs are extrapolated: per node, up to Kademlia's
-    k nodes that a store or search reaches.
+    3 / 6 / 8 nodes, modelled as a cost per other node (within 30% of each); past 8 nodes the
+    DHT costs are extrapolated: up to the k nodes that a Kademlia store or search reaches.
     """
 
     push_overhead: int = 258  # bytes per record pushed to one peer besides the record (frame, answer, yamux/noise/TCP)
     fetch_overhead: float = 0.007  # of a fetched object's bytes (request, stream framing, ACKs)
-    dht_store_per_node: int = 2_200  # bytes of one DHT store per node in the swarm, up to dht_k nodes
-    dht_search_per_node: int = 3_300  # one search of a round's keys, likewise
+    dht_store_per_node: int = 2_400  # bytes of one DHT store per other node in the swarm, up to dht_k
+    dht_search_per_node: int = 3_600  # one search of a round's keys, likewise
     dht_k: int = 20
     poll_every: float = 300.0  # seconds between a peer's DHT reads while pushes deliver (rounds.POLL_MAX)
     roster_every: float = 600.0  # seconds between a peer's roster stores (rounds.ROSTER_REFRESH)
 
     def dht_store(self, n: int) -> int:
-        return self.dht_store_per_node * min(n, self.dht_k)
+        return self.dht_store_per_node * (min(n, self.dht_k) - 1)
 
     def dht_search(self, n: int) -> int:
-        return self.dht_search_per_node * min(n, self.dht_k)
+        return self.dht_search_per_node * (min(n, self.dht_k) - 1)
 
 
 @dataclass(frozen=True)
