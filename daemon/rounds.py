@@ -821,7 +821,7 @@ class RoundRunner:
         self._delta_bytes[h] = (a.round, encoded.data)
         self._own_raw[h] = own
         self._last_encoded = h
-        self.transport.put_blob(encoded.data, kind="delta_chunk")
+        self.transport.put_blob(encoded.data, kind="delta")
         logger.info(
             "trained",
             round=a.round,
@@ -872,7 +872,7 @@ class RoundRunner:
                 data = await self._fetch_delta_bytes(a, ann.encoded_size if ann is not None else None)
                 self._delta_bytes[a.delta_hash] = (self.machine.round or 0, data)
                 # served on (hash-checked, so from anyone): a peer that cannot dial the announcer gets it from us
-                self.transport.put_blob(data, kind="delta_chunk")
+                self.transport.put_blob(data, kind="delta")
                 ok = True
             except FetchError as e:
                 self.record_error(f"delta {a.delta_hash[:12]} from {a.peer_id[:12]}: {e.reason}")
@@ -908,7 +908,7 @@ class RoundRunner:
                     max_size=self.event.max_delta_bytes,
                     expected_size=expected_size,
                     timeout=max(1.0, deadline - time.monotonic()),
-                    kind="delta_chunk",
+                    kind="delta",
                 )
             except ObjectNotFound:
                 if time.monotonic() + DELTA_REFETCH_PAUSE >= deadline:

@@ -130,7 +130,7 @@ LIVE = {
         "samples_per_s": 167.0,
     },
     "bytes": {
-        "delta_chunk": {"sent": 838084, "received": 836048, "messages": 19},
+        "delta": {"sent": 838084, "received": 836048, "messages": 19},
         "gossip": {"sent": 9247, "received": 12302, "messages": 41},
     },
     "records_rejected": 2,
