@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NodeConfig",
     "EventConfig",
+    "TRAINED_SEED_OUTER",
     "DEFAULT_STATUS_PORT",
     "LOG_LEVELS",
     "check_node_config",
@@ -51,6 +52,14 @@ __all__ = [
     "load_event",
     "event_from_mapping",
 ]
+
+# The outer step of an event seeded from a trained model (`p2pmodel seed --from`), DiLoCo's
+# setting: there outer Nesterov momentum beats averaging, while from a random init (`--task`,
+# EventConfig's defaults) it loses. scripts/sweep_outer, presets seeded and seeded_outer (bench task,
+# N=2, 600 steps, cosine lr 3e-3, H=50, 2-bit; seed: 600 steps alone on a shard no peer holds):
+# averaging 1.234, Nesterov 0.7/0.9 1.181, 0.7/0.8 1.158, 1.0/0.9 1.158; DDP 1.151; one peer
+# alone 1.307. 0.7/0.8 ties for best and takes the smaller outer step of the two.
+TRAINED_SEED_OUTER = {"outer_lr": 0.7, "outer_momentum": 0.8}
 
 
 class ConfigError(UsageError):
@@ -145,6 +154,7 @@ class EventConfig:
     lr_final: float = _f(0.1, "the inner lr's factor at and after lr_decay_steps")
     outer_lr: float = _f(1.0, "outer learning rate (DiLoCo's Nesterov SGD; 1 with momentum 0 is averaging)")
     outer_momentum: float = _f(0.0, "outer Nesterov momentum (DiLoCo uses 0.9); stored in the lineage")
+    # (An event seeded from a trained model takes TRAINED_SEED_OUTER instead: below.)
     merge_method: str = _f("linear", "p2pmodel.merge method applied to the deltas")
     merge_params: dict = _f({}, "that method's parameters (one value each; the swarm weighs deltas by samples)")
     codec: dict = _f(

@@ -361,6 +361,18 @@ def test_seed_from_a_ref_holds_that_versions_model(hf_folder, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["event.toml", "founder"]  # no model folder: the seed holds it
 
 
+def test_an_event_seeded_from_a_trained_model_takes_outer_momentum_unless_set(hf_folder, tmp_path):
+    from p2pmodel.daemon.config import TRAINED_SEED_OUTER
+
+    assert _seed_hf(hf_folder[0], tmp_path / "a") == 0
+    event = load_event(str(tmp_path / "a" / "event.toml"))
+    assert (event.outer_lr, event.outer_momentum) == (TRAINED_SEED_OUTER["outer_lr"], TRAINED_SEED_OUTER["outer_momentum"])
+    assert event.outer_momentum > 0 and EventConfig().outer_momentum == 0  # a --task event averages
+    assert _seed_hf(hf_folder[0], tmp_path / "b", "--set", "outer_momentum=0", "--set", "outer_lr=1") == 0
+    event = load_event(str(tmp_path / "b" / "event.toml"))
+    assert (event.outer_lr, event.outer_momentum) == (1.0, 0.0)
+
+
 @pytest.mark.parametrize("key", ["text_files", "model_dir"])
 def test_a_path_in_an_hf_events_task_options_is_refused(hf_folder, tmp_path, capsys, key):
     model, text = hf_folder

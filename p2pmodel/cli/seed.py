@@ -14,7 +14,9 @@ The seed version holds the model every peer starts from: the task's model (`--ta
 Hugging Face causal LM (`--from` a folder, or a version of `--repo` holding one) with its
 `config.json` and tokenizer files, so every version of the event exports with
 `p2pmodel export REF --format hf` and loads with `from_pretrained`. No path is part of the
-event: each volunteer trains an hf event on text of their own (`join --data`).
+event: each volunteer trains an hf event on text of their own (`join --data`). A model seeded
+`--from` is taken to be trained, so its event's outer step is Nesterov momentum
+(`config.TRAINED_SEED_OUTER`) where a `--task` event averages: measured, see there.
 
 The event is checked whole (`config.event_from_mapping`, and an hf event's options against the
 model) before anything is written; a failed seed leaves no folder behind. It prints the line
@@ -68,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
-    from p2pmodel.daemon.config import EventConfig, event_from_mapping, load_event
+    from p2pmodel.daemon.config import TRAINED_SEED_OUTER, EventConfig, event_from_mapping, load_event
     from p2pmodel.daemon.manifest import event_to_toml, with_settings
     from p2pmodel.daemon.identity import save_identity
     from p2pmodel.protocols.signing import PeerIdentity
@@ -86,6 +88,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     else:
         model_dir, ref = _model_source(args.source)
         data["task"] = "hf"
+        data.update(TRAINED_SEED_OUTER)  # a trained model takes outer momentum; --set still wins
     data = with_settings(data, args.settings)
     if data.get("seed_version"):
         raise UsageError("--set seed_version: seed commits the seed version and names it itself")
