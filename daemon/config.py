@@ -59,7 +59,7 @@ __all__ = [
 # N=2, 600 steps, cosine lr 3e-3, H=50, 2-bit; seed: 600 steps alone on a shard no peer holds):
 # averaging 1.234, Nesterov 0.7/0.9 1.181, 0.7/0.8 1.158, 1.0/0.9 1.158; DDP 1.151; one peer
 # alone 1.307. 0.7/0.8 ties for best and takes the smaller outer step of the two.
-TRAINED_SEED_OUTER = {"outer_lr": 0.7, "outer_momentum": 0.8}
+TRAINED_SEED_OUTER = {"outer_lr": 0.7, "outer_momentum": 0.8, "outer_warmup_rounds": 0}
 
 
 class ConfigError(UsageError):
@@ -154,7 +154,8 @@ class EventConfig:
     lr_final: float = _f(0.1, "the inner lr's factor at and after lr_decay_steps")
     outer_lr: float = _f(1.0, "outer learning rate (DiLoCo's Nesterov SGD; 1 with momentum 0 is averaging)")
     outer_momentum: float = _f(0.0, "outer Nesterov momentum (DiLoCo uses 0.9); stored in the lineage")
-    # (An event seeded from a trained model takes TRAINED_SEED_OUTER instead: below.)
+    outer_warmup_rounds: int = _f(0, "rounds numbered below this average (outer lr 1, momentum 0); the momentum starts after")
+    # (An event seeded from a trained model takes TRAINED_SEED_OUTER instead: above.)
     merge_method: str = _f("linear", "p2pmodel.merge method applied to the deltas")
     merge_params: dict = _f({}, "that method's parameters (one value each; the swarm weighs deltas by samples)")
     codec: dict = _f(
@@ -317,6 +318,7 @@ def _check_event(e: EventConfig, source: str) -> None:
          f"must be below lr_decay_steps ({e.lr_warmup_steps} >= {e.lr_decay_steps}): the decay would start before the warm-up ended"),
         ("lr_final", 0 <= e.lr_final <= 1, "must be in [0, 1]"),
         ("outer_momentum", 0 <= e.outer_momentum < 1, "must be in [0, 1)"),
+        ("outer_warmup_rounds", e.outer_warmup_rounds >= 0, "must be >= 0"),
         ("seeder", not e.seeder or bool(_PEER_ID.fullmatch(e.seeder)), "must be a peer id (40 lowercase hex digits) or empty"),
         ("seed_version", not e.seed_version or bool(_SHA256.fullmatch(e.seed_version)), "must be a version id (64 lowercase hex digits) or empty"),
         ("collect_window", e.collect_window > 0, "must be positive (seconds)"),

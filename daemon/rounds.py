@@ -229,7 +229,7 @@ class RoundRunner:
         self.prefix = event.dht_prefix()
         self.codec = DeltaCodec(CodecConfig(**event.codec))
         self.feedback = self.codec.feedback()
-        self.outer = OuterOptimizer(lr=event.outer_lr, momentum=event.outer_momentum)
+        self.outer = OuterOptimizer(lr=event.outer_lr, momentum=event.outer_momentum, warmup_rounds=event.outer_warmup_rounds)
         self.screen = DeltaScreen(min_cosine=event.screen_min_cosine, max_norm_ratio=event.screen_max_norm_ratio)
         model_bytes = sum(e.nbytes for e in store.get_version(head).tensors.values())
         self.disk = DiskWatch(store.root, DISK_MIN_FREE + 3 * model_bytes)

@@ -37,11 +37,23 @@ class Contribution:
 
 @dataclass(frozen=True)
 class OuterOptimizer:
-    """The outer step every peer applies to the merged delta (DiLoCo's Nesterov SGD)."""
+    """The outer step every peer applies to the merged delta (DiLoCo's Nesterov SGD).
+
+    `warmup_rounds`: rounds numbered below it average (lr 1, momentum 0, no momentum stored),
+    and the momentum starts from zero at that round: from a random init, outer momentum over the
+    first, large deltas costs more than it gives (scripts/sweep_outer, preset outer_warmup).
+    """
 
     lr: float
     momentum: float
     nesterov: bool = True
+    warmup_rounds: int = 0
+
+    def at(self, round_: int) -> OuterOptimizer:
+        """The step round `round_` takes: plain averaging during the warm-up, else this one."""
+        if round_ < self.warmup_rounds:
+            return OuterOptimizer(lr=1.0, momentum=0.0, nesterov=self.nesterov)
+        return self
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,7 @@ def build_round_version(
         screened = [(contributions[i].peer_id, why) for i, why in result.excluded]
         contributions = [contributions[i] for i in result.kept]
     merged = merge_contributions(spec.method, base, contributions, seed=spec.round, params=spec.params)
+    outer = outer.at(spec.round)  # what the version records is the step it took
     momentum = {k: store.get_tensor(e) for k, e in base_version.optimizer_state.items()} or None
     new_params, new_momentum = outer_step(base, merged, momentum, lr=outer.lr, mu=outer.momentum, nesterov=outer.nesterov)
     new_params = {k: v.to(base[k].dtype) for k, v in new_params.items()}

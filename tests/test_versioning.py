@@ -79,6 +79,24 @@ def test_no_outer_momentum_stores_no_optimizer_state(store):
     assert v.optimizer_state == {}
 
 
+def test_rounds_of_the_outer_warm_up_average_and_the_momentum_starts_after_them(store):
+    outer = OuterOptimizer(lr=0.7, momentum=0.9, warmup_rounds=2)
+    v0 = seed(store)
+    v1, p1 = build_round_version(store, spec(v0), deltas(), outer)  # round 0: averaging
+    assert v1.merge["outer"] == {"lr": 1.0, "momentum": 0.0, "nesterov": True} and v1.optimizer_state == {}
+    merged = {"w": torch.full((4, 3), (3 * 0.1 - 0.1) / 4), "b": torch.full((3,), 3 / 4)}
+    want, _ = outer_step(store.state_dict(v0), merged, None, lr=1.0, mu=0.0)
+    for k in want:
+        torch.testing.assert_close(p1[k], want[k], rtol=0, atol=1e-7)
+    store.put_version(v1)
+    at2 = RoundSpec(round=2, base_version=v1.id, proposer="p0", time=2.0, method="linear", members=("p0", "p1"), proposal_hash="cd" * 32)
+    v2, p2 = build_round_version(store, at2, deltas(), outer)  # round 2: momentum, from zero
+    assert v2.merge["outer"] == {"lr": 0.7, "momentum": 0.9, "nesterov": True} and set(v2.optimizer_state) == {"w", "b"}
+    want, _ = outer_step(p1, merged, None, lr=0.7, mu=0.9)
+    for k in want:
+        torch.testing.assert_close(p2[k], want[k], rtol=0, atol=1e-7)
+
+
 def test_the_screen_leaves_out_a_flipped_delta_and_the_version_says_who_and_why(store):
     base = seed(store)
     g = torch.Generator().manual_seed(1)
