@@ -80,6 +80,7 @@ class RunSpec:
     event: dict = field(default_factory=dict)  # swarm: the event manifest (overrides of EventConfig)
     hivemind: dict = field(default_factory=dict)  # hivemind.Optimizer timing options
     port: int = 0  # ddp: the rendezvous port, picked by the runner inside the namespace
+    init: str = ""  # safetensors every system starts from (bench_train --warm-steps); "": the task's init
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
@@ -221,6 +222,10 @@ def _task_and_trainer(spec: RunSpec, rank: int, wrap: Callable[[Any], Any] = lam
 
     task = load_task("charlm", **spec.task_options)
     model = task.build_model()
+    if spec.init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(spec.init))
     schedule = LRSchedule(**spec.lr_schedule) if spec.lr_schedule else None
     trainer = InnerTrainer(task, wrap(model), "cpu", lr=spec.lr, peer_seed=spec.peer_seeds[rank], cpu_threads=spec.threads,
                            lr_schedule=schedule)  # fmt: skip
@@ -578,12 +583,15 @@ def run_swarm(spec_path: Path, spec: RunSpec) -> dict[str, Any]:
     node0 committed at the target (the nodes may commit one more while they are stopped).
     """
     rounds = spec.steps // spec.inner_steps
+    event = dict(spec.event)
+    nodes = [_Node(spec, i) for i in range(spec.peers)]
+    if spec.init:
+        event.update(_seed_founder(spec, nodes[0].home / "lineage"))
     event_path = spec.dir / "event.json"
-    event_path.write_text(json.dumps(spec.event, indent=2))
+    event_path.write_text(json.dumps(event, indent=2))
     common = ["--status-port", "0", "--device", "cpu", "--cpu-threads", str(spec.threads)]
     common += ["--max-rounds", str(rounds + 2), "--log-level", "INFO"]
     planned = spec.peers * spec.steps * spec.batch_size
-    nodes = [_Node(spec, i) for i in range(spec.peers)]
     start = time.monotonic()
     deadline = start + spec.timeout_s
     problems: list[str] = []
@@ -618,6 +626,21 @@ def run_swarm(spec_path: Path, spec: RunSpec) -> dict[str, Any]:
     if unread:
         problems.append(f"could not read the byte counters of node(s) {unread}")
     return {"nodes": per_node, "rounds": rounds, "planned_samples": planned, "problems": problems, "lineage": str(nodes[0].home / "lineage")}
+
+
+def _seed_founder(spec: RunSpec, lineage: Path) -> dict[str, str]:
+    """Put `spec.init` into node0's lineage as the event's seed version, as `p2pmodel seed` does
+    for its founder (time 0, author "seed"); the others fetch it by id. Returns the event keys
+    that name it: `seed_version` and `seeder` (node0)."""
+    from safetensors.torch import load_file
+
+    from p2pmodel.lineage import LineageStore
+    from p2pmodel.protocols.signing import PeerIdentity
+
+    with LineageStore.init(lineage) as store:
+        version = store.commit(load_file(spec.init), parents=[], message=f"seed of event {spec.event['name']}", time=0.0, author="seed")
+    seeder = PeerIdentity.from_seed(bytes.fromhex(spec.identity_seeds[0])).peer_id
+    return {"seed_version": version.id, "seeder": seeder}
 
 
 def _follow_swarm(nodes: list[_Node], reached_target: Callable[[_Node], bool], deadline: float) -> list[str]:

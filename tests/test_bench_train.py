@@ -112,3 +112,26 @@ def test_table_has_a_row_per_system(quick_run):
     assert "Machine:" in table
     for name in ("p2pmodel swarm", "torch DDP (gloo)", "hivemind.Optimizer", "single peer"):
         assert f"| {name} | 2 |" in table, name
+
+
+def test_a_warm_bench_puts_its_seed_model_in_the_founders_lineage_as_the_events_seed(tmp_path, monkeypatch):
+    """--warm-steps: the swarm starts from the seed model the other systems load (`RunSpec.init`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from _bench_train_systems import RunSpec, _seed_founder
+
+    from p2pmodel.lineage import LineageStore
+    from p2pmodel.protocols.signing import PeerIdentity
+
+    state = {"w": torch.randn(3, 2), "b": torch.zeros(2)}
+    save_file(state, str(tmp_path / "seed.safetensors"))
+    spec = RunSpec(system="swarm", variant="default", peers=2, steps=10, inner_steps=10, batch_size=4, task_options={}, lr=1e-3,
+                   lr_schedule={}, threads=1, peer_seeds=[1, 2], identity_seeds=["11" * 32, "22" * 32], workdir=str(tmp_path),
+                   timeout_s=60, event={"name": "bench-default"}, init=str(tmp_path / "seed.safetensors"))  # fmt: skip
+    named = _seed_founder(spec, tmp_path / "node0" / "lineage")
+    assert named["seeder"] == PeerIdentity.from_seed(bytes.fromhex("11" * 32)).peer_id
+    with LineageStore.open(tmp_path / "node0" / "lineage") as store:
+        assert store.branches()["main"] == named["seed_version"]
+        assert all(torch.equal(store.state_dict("main")[k], v) for k, v in state.items())

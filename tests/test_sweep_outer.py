@@ -67,3 +67,21 @@ def test_payload_is_the_sum_of_encoded_sizes(sweep):
 def test_cache_keys_ignore_later_fields_at_their_default(sweep):
     assert "mode" not in _run(sweep).key() and "carry" not in _run(sweep).key()
     assert "carry" in _run(sweep, carry=1.0, codec={"feedback_decay": 0.0}).key()
+
+
+def test_rounds_of_the_outer_warm_up_are_plain_averaging(sweep):
+    average = sweep.simulate(_run(sweep, codec=None, outer_lr=1.0, outer_mu=0.0))
+    held_back = sweep.simulate(_run(sweep, codec=None, outer_lr=0.7, outer_mu=0.9, outer_warmup=2))
+    momentum = sweep.simulate(_run(sweep, codec=None, outer_lr=0.7, outer_mu=0.9, outer_warmup=1))
+    assert held_back["curve"] == average["curve"]  # both rounds held back: averaging exactly
+    assert momentum["curve"][0] == average["curve"][0] and momentum["curve"][1] != average["curve"][1]
+
+
+def test_a_warm_run_starts_every_system_from_the_same_seed_model(sweep):
+    warm = {"steps": 3, "lr": 3e-3}
+    seed = sweep._seed_model(load_task("charlm", **TINY), {k: v.float() for k, v in load_task("charlm", **TINY).build_model().state_dict().items()}, 3, 3e-3)
+    ddp = sweep.simulate(_run(sweep, mode="ddp", peers=1, steps=3, H=3, inner_lr=1e-12, warm=warm))
+    task = load_task("charlm", **TINY)
+    model = task.build_model()
+    model.load_state_dict(seed)
+    assert ddp["eval_loss"] == pytest.approx(task.evaluate(model, "cpu")["eval_loss"], abs=1e-4)  # lr ~0: the seed itself
