@@ -298,6 +298,46 @@ def test_seed_error_in_a_real_process_is_one_line_without_traceback(tmp_path):
     assert proc.stderr.count("\n") == 1 and "merge_method" in proc.stderr and "Traceback" not in proc.stderr
 
 
+# ------------------------------------------------------------------ seeding a task's event from a trained version
+
+
+def _trained_repo(tmp_path: Path, **options) -> tuple[Path, dict]:
+    """A lineage whose main holds task charlm's model, its weights moved as training would."""
+    import torch
+
+    state = {k: v + 0.01 for k, v in load_task("charlm", **{**TINY, **options}).build_model().state_dict().items()}
+    repo = tmp_path / "repo"
+    with LineageStore.init(repo) as store:
+        store.commit(state, parents=[], message="trained alone")
+    return repo, state
+
+
+def test_seed_task_from_a_trained_version_starts_the_event_from_its_tensors(tmp_path):
+    import torch
+
+    from p2pmodel.daemon.config import TRAINED_SEED_OUTER
+
+    repo, state = _trained_repo(tmp_path)
+    assert main(["--repo", str(repo), "seed", "--task", "charlm", "--from", "main", "--name", "warm", *TINY_SETS, "-o", str(tmp_path / "ev")]) == 0
+    event = load_event(str(tmp_path / "ev" / "event.toml"))
+    assert event.task == "charlm" and event.outer_momentum == TRAINED_SEED_OUTER["outer_momentum"]
+    with LineageStore.open(tmp_path / "ev" / "founder" / "lineage") as store:
+        seed_state = store.state_dict(event.seed_version)
+    assert seed_state.keys() == state.keys() and all(torch.equal(seed_state[k], v) for k, v in state.items())
+
+
+def test_seed_task_from_a_version_of_another_model_is_refused_and_writes_nothing(tmp_path, capsys):
+    repo, _ = _trained_repo(tmp_path, n_embd=16)
+    assert main(["--repo", str(repo), "seed", "--task", "charlm", "--from", "main", "--name", "warm", *TINY_SETS, "-o", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "--from: tensor" in err and "task charlm's model has" in err and not (tmp_path / "ev").exists()
+
+
+def test_seed_needs_a_task_or_a_model(tmp_path, capsys):
+    assert main(["seed", "--name", "x", "-o", str(tmp_path / "ev")]) == 2
+    assert "--task" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ seeding from a Hugging Face model
 
 

@@ -1,6 +1,6 @@
 """`p2pmodel seed`: a researcher founds an event.
 
-    p2pmodel seed (--task TASK | --from MODEL_DIR_OR_REF) --name NAME [--set KEY=VALUE ...] -o EVENT_DIR
+    p2pmodel seed (--task TASK [--from REF] | --from MODEL_DIR_OR_REF) --name NAME [--set KEY=VALUE ...] -o EVENT_DIR
 
 writes a new folder:
 
@@ -10,8 +10,9 @@ writes a new folder:
 - `EVENT_DIR/founder/` — the founder's node home: its identity (`identity.pem`, the event's
   `seeder`; keep it private) and `lineage/` holding the seed version on `main`.
 
-The seed version holds the model every peer starts from: the task's model (`--task`), or a
-Hugging Face causal LM (`--from` a folder, or a version of `--repo` holding one) with its
+The seed version holds the model every peer starts from: the task's model (`--task`; with
+`--from REF`, the tensors of version REF of `--repo`, which must be that model's exactly: a
+trained one), or a Hugging Face causal LM (`--from` a folder, or a version of `--repo` holding one) with its
 `config.json` and tokenizer files, so every version of the event exports with
 `p2pmodel export REF --format hf` and loads with `from_pretrained`. No path is part of the
 event: each volunteer trains an hf event on text of their own (`join --data`). A model seeded
@@ -56,11 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write a new event folder: the manifest volunteers join with, and the founder's "
         "node home holding the seed version.",
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--task", help='task plugin to train: "charlm", "hf" or "package.module:object"')
-    source.add_argument("--from", dest="source", metavar="MODEL_DIR_OR_REF",
-                        help="a Hugging Face causal LM folder (with config.json), or a version of --repo "
-                             "that holds one; the event trains it (hf task; volunteers bring their text: join --data)")  # fmt: skip
+    p.add_argument("--task", help='task plugin to train: "charlm", "hf" or "package.module:object"')
+    p.add_argument("--from", dest="source", metavar="MODEL_DIR_OR_REF",
+                   help="a Hugging Face causal LM folder (with config.json), or a version of --repo that holds one: the "
+                        "event trains it (hf task; volunteers bring their text: join --data). With --task: a version of "
+                        "--repo holding that task's model (same tensor names, shapes, dtypes), e.g. one trained alone")  # fmt: skip
     p.add_argument("--name", required=True, help="event name (letters, digits, '.', '_', '-'); part of every DHT key")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting (repeatable), e.g. inner_steps=20, codec.value_bits=1, "
@@ -78,16 +79,20 @@ def cmd_seed(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty folder; seed writes a new event folder")
-    if args.task == "hf":
+    if args.task is None and args.source is None:
+        raise UsageError("seed needs --task TASK, or --from MODEL_DIR_OR_REF (a Hugging Face model)")
+    if args.task == "hf" and args.source is None:
         raise UsageError("an hf event starts from a model: use --from MODEL_DIR (or --from REF of --repo)")
     data: dict[str, Any] = dataclasses.asdict(EventConfig())
     data["name"] = args.name
-    model_dir = ref = None
-    if args.task is not None:
+    model_dir = ref = task_ref = None
+    if args.task not in (None, "hf"):
         data["task"] = args.task
+        task_ref = args.source  # None: the task's own init
     else:
         model_dir, ref = _model_source(args.source)
         data["task"] = "hf"
+    if args.source is not None:
         data.update(TRAINED_SEED_OUTER)  # a trained model takes outer momentum; --set still wins
     data = with_settings(data, args.settings)
     if data.get("seed_version"):
@@ -103,7 +108,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
         if ref is not None:
             model_dir = out / ".model-export"
             _export_hf(args.repo, ref, model_dir)
-        vid, task_config = _seed_lineage(founder / "lineage", event, model_dir)
+        trained = _task_tensors(args.repo, task_ref) if task_ref is not None else None
+        vid, task_config = _seed_lineage(founder / "lineage", event, model_dir, trained)
         if ref is not None:
             shutil.rmtree(model_dir)  # the seed version holds it now
         event = event_from_mapping({**dataclasses.asdict(event), "seed_version": vid}, source="event")
@@ -148,13 +154,22 @@ def _export_hf(repo: str, ref: str, dest: Path) -> None:
         write_hf_folder(dest, tensors, files, layout={n: (e.dtype, e.shape) for n, e in v.tensors.items()})
 
 
-def _seed_lineage(path: Path, event: Any, model_dir: Path | None) -> tuple[str, dict[str, Any]]:
+def _task_tensors(repo: str, ref: str) -> dict[str, Any]:
+    """The tensors of version `ref` of `repo` (`seed --task T --from REF`)."""
+    from p2pmodel.lineage import LineageStore
+
+    with LineageStore.open(repo) as store:
+        return store.state_dict(store.resolve(ref))
+
+
+def _seed_lineage(path: Path, event: Any, model_dir: Path | None, trained: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """Commit the event's seed version on `main` of a new lineage at `path`.
 
     `model_dir` (hf events): the seed holds that model's parameters, `config.json` and
     tokenizer files (`tasks.hf.seed_content`), and the event's task options are checked
-    against it; otherwise the task's model. Returns the seed's id and the task's full options
-    (the manifest lists those it leaves at their defaults).
+    against it; otherwise the task's model, with `trained`'s tensors when given (they must
+    be that model's exactly: names, shapes, dtypes). Returns the seed's id and the task's full
+    options (the manifest lists those it leaves at their defaults).
     """
     from p2pmodel.lineage import LineageStore
     from p2pmodel.tasks import load_task
@@ -168,11 +183,26 @@ def _seed_lineage(path: Path, event: Any, model_dir: Path | None) -> tuple[str, 
         task = load_task(event.task, **event.task_options)
         state, files = {k: v.detach().to("cpu") for k, v in task.build_model().state_dict().items()}, {}
         task_config = task.config()
+        if trained is not None:
+            _check_layout(event.task, state, trained)
+            state = trained
     path.parent.mkdir(parents=True, exist_ok=True)
     with LineageStore.init(path) as store:
         # time 0 and a fixed author: the id depends only on the model and the event's name
         version = store.commit(state, parents=[], message=f"seed of event {event.name}", time=0.0, author="seed", files=files)
     return version.id, task_config
+
+
+def _check_layout(task: str, model: dict[str, Any], trained: dict[str, Any]) -> None:
+    """UsageError unless `trained` has exactly `model`'s tensor names, shapes and dtypes."""
+    missing, extra = sorted(set(model) - set(trained)), sorted(set(trained) - set(model))
+    if missing or extra:
+        raise UsageError(f"--from: that version is not task {task}'s model with these options: "
+                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, extra {extra[:3]}{'...' if len(extra) > 3 else ''}")  # fmt: skip
+    for name, t in model.items():
+        u = trained[name]
+        if tuple(u.shape) != tuple(t.shape) or u.dtype != t.dtype:
+            raise UsageError(f"--from: tensor {name} is {u.dtype} {tuple(u.shape)}; task {task}'s model has {t.dtype} {tuple(t.shape)}")
 
 
 @contextlib.contextmanager
