@@ -77,7 +77,7 @@ def test_rounds_of_the_outer_warm_up_are_plain_averaging(sweep):
     assert momentum["curve"][0] == average["curve"][0] and momentum["curve"][1] != average["curve"][1]
 
 
-def test_a_warm_run_starts_every_system_from_the_same_seed_model(sweep):
+def test_a_warm_run_starts_from_the_seed_model(sweep):
     warm = {"steps": 3, "lr": 3e-3}
     seed = sweep._seed_model(load_task("charlm", **TINY), {k: v.float() for k, v in load_task("charlm", **TINY).build_model().state_dict().items()}, 3, 3e-3)
     ddp = sweep.simulate(_run(sweep, mode="ddp", peers=1, steps=3, H=3, inner_lr=1e-12, warm=warm))
