@@ -175,7 +175,10 @@ class EventConfig:
     ci_window: int = _f(8, 'versions back the CI gate\'s "best" looks at (slow drift fails)')
     # The merge's screen (p2pmodel.screening): a delta pointing away from the round's median
     # delta, or over this multiple of its median norm, is left out (set by measurement, see there)
-    screen_min_cosine: float = _f(0.3, "a delta whose cosine with the round's median delta is below this is left out (-1 keeps every direction)")
+    screen_min_cosine: float = _f(0.3, "a delta whose cosine with the round's median delta is at least this is never left out "
+                                  "for its direction (-1 keeps every direction) ...")
+    screen_relative_cosine: float = _f(0.5, "... below it, one under this x the round's median cosine is (0: every one below "
+                                       "screen_min_cosine is)")
     screen_max_norm_ratio: float = _f(4.0, "a delta whose norm exceeds this multiple of the round's median norm is left out")
     max_delta_bytes: int = _f(256 * 1024 * 1024, "largest encoded delta a peer accepts (bytes)")
     seed: int = _f(0, "seed of the model's initial parameters")
@@ -331,6 +334,7 @@ def _check_event(e: EventConfig, source: str) -> None:
         ("ci_max_regression_best", e.ci_max_regression_best >= 0, "must be >= 0"),
         ("ci_window", e.ci_window >= 1, "must be at least 1"),
         ("screen_min_cosine", -1 <= e.screen_min_cosine <= 1, "must be in [-1, 1]"),
+        ("screen_relative_cosine", 0 <= e.screen_relative_cosine <= 1, "must be in [0, 1]"),
         ("screen_max_norm_ratio", e.screen_max_norm_ratio >= 1, "must be >= 1 (below 1 even the median delta is left out)"),
         ("max_delta_bytes", e.max_delta_bytes > 0, "must be positive (bytes)"),
         ("allowed_peers", all(isinstance(p, str) and _PEER_ID.fullmatch(p) for p in e.allowed_peers),

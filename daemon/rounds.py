@@ -230,7 +230,9 @@ class RoundRunner:
         self.codec = DeltaCodec(CodecConfig(**event.codec))
         self.feedback = self.codec.feedback()
         self.outer = OuterOptimizer(lr=event.outer_lr, momentum=event.outer_momentum, warmup_rounds=event.outer_warmup_rounds)
-        self.screen = DeltaScreen(min_cosine=event.screen_min_cosine, max_norm_ratio=event.screen_max_norm_ratio)
+        self.screen = DeltaScreen(
+            min_cosine=event.screen_min_cosine, relative_cosine=event.screen_relative_cosine, max_norm_ratio=event.screen_max_norm_ratio
+        )
         model_bytes = sum(e.nbytes for e in store.get_version(head).tensors.values())
         self.disk = DiskWatch(store.root, DISK_MIN_FREE + 3 * model_bytes)
         self.gate = CIGate(

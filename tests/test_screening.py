@@ -1,5 +1,6 @@
 """The merge's screen (p2pmodel/screening.py): deltas that point away from the round's median
-delta, are empty, or are far larger than the median are left out; an honest majority is kept."""
+delta, are empty, or are far larger than the median are left out; an honest majority is kept,
+also late in an event, when honest deltas agree less."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ from p2pmodel.screening import DeltaScreen, screen_deltas
 RULE = DeltaScreen(min_cosine=0.3, max_norm_ratio=4.0)
 
 
-def honest(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """n deltas sharing a direction (cosine ~0.8 with each other), each with its own noise."""
+def honest(n: int, seed: int = 0, spread: float = 0.5) -> list[dict[str, torch.Tensor]]:
+    """n deltas sharing a direction, each with its own noise `spread` x the shared part (0.5:
+    cosine ~0.8 with each other, as in an event's first rounds; 2.5: ~0.35, as later)."""
     g = torch.Generator().manual_seed(seed)
     common = {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g)}
-    return [{k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in common.items()} for _ in range(n)]
+    return [{k: v + spread * torch.randn(v.shape, generator=g) for k, v in common.items()} for _ in range(n)]
+
+
+def noise_like(delta: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) * v.norm() / v.numel() ** 0.5 for k, v in delta.items()}
 
 
 def test_honest_deltas_are_all_kept_with_a_high_cosine():
@@ -37,13 +44,35 @@ def test_a_sign_flipped_delta_is_left_out_with_its_cosine():
 
 def test_noise_of_an_honest_norm_and_an_empty_delta_are_left_out():
     ds = honest(5)
-    g = torch.Generator().manual_seed(9)
-    ds[0] = {k: torch.randn(v.shape, generator=g) * v.norm() / v.numel() ** 0.5 for k, v in ds[0].items()}
+    ds[0] = noise_like(ds[0], seed=9)
     ds[4] = {k: torch.zeros_like(v) for k, v in ds[4].items()}
     r = screen_deltas(ds, RULE)
     assert r.kept == (1, 2, 3)
     reasons = dict(r.excluded)
     assert "cosine" in reasons[0] and reasons[4] == "empty delta"
+
+
+def test_honest_deltas_that_agree_less_late_in_an_event_are_all_kept():
+    ds = honest(6, spread=2.5)
+    r = screen_deltas(ds, RULE)
+    assert r.excluded == () and max(r.cosines) < 0.45
+    fixed = screen_deltas(ds, DeltaScreen(min_cosine=0.3, relative_cosine=0.0))  # the rule before 2026-12-02
+    assert fixed.excluded, "a fixed floor of 0.3 left out honest deltas here"
+
+
+def test_late_in_an_event_a_flipped_delta_and_noise_are_still_left_out():
+    for bad in ("flip", "noise"):
+        ds = honest(7, spread=2.5)  # the liar's own delta, which it flips or replaces
+        ds[6] = {k: -v for k, v in ds[6].items()} if bad == "flip" else noise_like(ds[6], seed=4)
+        r = screen_deltas(ds, RULE)
+        assert [i for i, _ in r.excluded] == [6], bad
+        assert "cosine" in r.excluded[0][1]
+
+
+def test_the_cosine_floor_is_half_the_rounds_median_cosine_capped_at_min_cosine():
+    assert DeltaScreen().cosine_floor([0.9, 0.8, 0.85]) == 0.3
+    assert DeltaScreen().cosine_floor([0.3, 0.4, 0.5, -0.2]) == 0.5 * 0.35
+    assert DeltaScreen(relative_cosine=0.0).cosine_floor([0.1, 0.2]) == 0.3
 
 
 def test_a_tensor_missing_from_a_delta_counts_as_zero():

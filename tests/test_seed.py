@@ -246,6 +246,7 @@ INVALID = [
     ({"ci_max_regression": -0.1}, "ci_max_regression"),
     ({"ci_window": 0}, "ci_window"),
     ({"screen_min_cosine": 2.0}, "screen_min_cosine"),
+    ({"screen_relative_cosine": -0.5}, "screen_relative_cosine"),
     ({"screen_max_norm_ratio": 0.5}, "screen_max_norm_ratio"),
     ({"max_delta_bytes": 0}, "max_delta_bytes"),
     ({"seeder": "founder"}, "seeder"),
