@@ -177,7 +177,7 @@ class EventConfig:
     # delta, or over this multiple of its median norm, is left out (set by measurement, see there)
     screen_min_cosine: float = _f(0.3, "a delta whose cosine with the round's median delta is at least this is never left out "
                                   "for its direction (-1 keeps every direction) ...")
-    screen_relative_cosine: float = _f(0.5, "... below it, one under this x the round's median cosine is (0: every one below "
+    screen_relative_cosine: float = _f(0.25, "... below it, one under this x the round's median cosine is (0: every one below "
                                        "screen_min_cosine is)")
     screen_max_norm_ratio: float = _f(4.0, "a delta whose norm exceeds this multiple of the round's median norm is left out")
     max_delta_bytes: int = _f(256 * 1024 * 1024, "largest encoded delta a peer accepts (bytes)")
