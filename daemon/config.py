@@ -173,9 +173,9 @@ class EventConfig:
     ci_max_regression: float = _f(0.10, "a version whose eval loss exceeds its base's by more than this fraction fails CI")
     ci_max_regression_best: float = _f(0.20, "... or exceeds the best of the last ci_window versions' by this fraction")
     ci_window: int = _f(8, 'versions back the CI gate\'s "best" looks at (slow drift fails)')
-    # The merge's screen (p2pmodel.screening): a delta pointing away from the round's median
-    # delta, or over this multiple of its median norm, is left out (set by measurement, see there)
-    screen_min_cosine: float = _f(0.3, "a delta whose cosine with the round's median delta is at least this is never left out "
+    # The merge's screen (p2pmodel.screening): a delta pointing away from the other deltas' sign
+    # vote, or over this multiple of the median norm, is left out (set by measurement, see there)
+    screen_min_cosine: float = _f(0.3, "a delta whose cosine with the other deltas' sign vote is at least this is never left out "
                                   "for its direction (-1 keeps every direction) ...")
     screen_relative_cosine: float = _f(0.25, "... below it, one under this x the round's median cosine is (0: every one below "
                                        "screen_min_cosine is)")

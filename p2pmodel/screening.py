@@ -21,6 +21,7 @@ the median a delta pulls the reference its own way (noise reached cosines of 0.2
 honest range late in an event); leaving it out, a median of sparse (top-k) deltas is zero
 wherever fewer than half of them kept a coordinate, and honest cosines fell to 0.01. The vote
 keeps every coordinate any delta kept. `scripts/screen_study` has the measurements.
+
 Every honest peer runs this on the same decoded deltas in the same order, so all derive the
 same kept set and the same version id; the excluded peers and the reasons go into the version
 (`merge["screened"]`). At most ``(n - 1) // 2`` deltas are excluded (the worst first): the
