@@ -543,7 +543,7 @@ class RoundMachine:
             self._buffer_future(msg, sender, ev.now, out)
             return
         if isinstance(msg, PeerAnnouncement):
-            self._on_peer_announcement(msg, sender)
+            self._on_peer_announcement(msg, sender, ev.now)
         elif isinstance(msg, Departure):
             if msg.peer_id in v.members or msg.peer_id in self.electorate:
                 v.depart(msg.peer_id)
@@ -575,7 +575,7 @@ class RoundMachine:
 
     # ---- records of the current round --------------------------------------------------
 
-    def _on_peer_announcement(self, msg: PeerAnnouncement, sender: str) -> None:
+    def _on_peer_announcement(self, msg: PeerAnnouncement, sender: str, now: float) -> None:
         v = self._round_view
         if msg.peer_id in v.members:
             self._count("duplicate")
@@ -583,6 +583,8 @@ class RoundMachine:
             self._count("over_capacity")
         else:
             v.add_member(msg.peer_id)
+            if msg.peer_id not in self.electorate and v.t0 <= now <= v.t0 + self.config.collect_window:
+                v.newcomer_at = now if v.newcomer_at is None else max(v.newcomer_at, now)
 
     def _is_member(self, peer_id: str) -> bool:
         v = self._round_view
@@ -870,8 +872,16 @@ class RoundMachine:
         return True
 
     def _collect_end(self) -> float:
+        """When the first proposer's slot opens: `collect_window` after we entered the round, or
+        after the latest newcomer (a peer outside the electorate) joined it within that window,
+        so that it has a whole window to train: a swarm's first round is the founder's alone
+        until the joiners have synced (8 nodes on 2 cores: 12 s of a 25 s window), and 7 of 8
+        deltas missed it. At most half-way to the round deadline; an early close ends it."""
         v = self._round_view
-        end = v.t0 + self.config.collect_window
+        cfg = self.config
+        end = v.t0 + cfg.collect_window
+        if v.newcomer_at is not None:
+            end = min(max(end, v.newcomer_at + cfg.collect_window), v.t0 + (cfg.collect_window + cfg.round_deadline) / 2)
         return end if v.closed_at is None else min(end, v.closed_at)
 
     def _is_complete(self, prop: Proposal) -> bool:

@@ -58,6 +58,7 @@ class RoundView:
         self.ahead_of_me = 0  # live members ranked before us (kept incrementally: asked every event)
         self.my_key = b""
         self.closed_at: float | None = None  # when every expected delta was in (early close)
+        self.newcomer_at: float | None = None  # when the latest peer outside the electorate joined, within the window
         self.norms: dict[str, float] = {}  # delta hash -> L2 norm of the screened delta
         self.excluded: dict[str, str] = {}  # peer id -> why its delta is left out this round
 

@@ -333,6 +333,32 @@ def test_window_stays_open_while_an_electorate_member_has_not_delivered():
     assert ORDER[3] not in prop.members
 
 
+def test_a_newcomer_that_joins_during_the_window_gets_a_whole_window_to_deliver():
+    # a swarm's first round: the electorate is the founder's; joiners enter after their sync
+    m = machine(ORDER[0])
+    full_round_to_merge(m, ORDER[0])
+    newcomer = IDS[4]  # outside the electorate
+    m.process(announce(newcomer, now=20.0))
+    assert not of(m.process(Tick(49.9)), Publish)  # not at 30: the newcomer has until 20 + 30
+    (prop,) = [a.message for a in of(m.process(Tick(50.0)), Publish) if isinstance(a.message, Proposal)]
+    assert newcomer in prop.members
+
+
+def test_a_late_newcomer_extends_the_window_at_most_half_way_to_the_round_deadline():
+    m = machine(ORDER[0])
+    full_round_to_merge(m, ORDER[0])
+    m.process(announce(IDS[4], now=29.0))  # would be 59; (30 + 90) / 2 = 60 bounds it
+    m.process(announce(IDS[5], now=31.0))  # after the window: it waits for the next round
+    assert m.next_deadline() == pytest.approx(59.0)
+
+
+def test_an_electorate_member_announcing_late_does_not_extend_the_window():
+    m = machine(ORDER[0])
+    full_round_to_merge(m, ORDER[0], others=[ORDER[1], ORDER[2]])
+    m.process(announce(ORDER[3], now=25.0))  # it had the whole window since the round began
+    assert of(m.process(Tick(30.0)), Publish)
+
+
 def test_complete_proposal_is_adopted_before_its_slot_opens():
     m = machine(ORDER[1], cfg=EARLY)
     full_round_to_merge(m, ORDER[1], others=[ORDER[0], ORDER[2]])  # ORDER[3]'s delta not yet fetched here
