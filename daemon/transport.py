@@ -87,6 +87,9 @@ __all__ = [
 
 logger = get_logger(__name__)
 
+BOOTSTRAP_ATTEMPTS = 3  # p2pd starts with its bootstrap peers this many times (1 s, then 2 s apart) before we give up
+_BOOTSTRAP_FAILED = "failed to connect to bootstrap peers"  # p2pd's message when none of them answered
+
 
 # ------------------------------------------------------------------------------------ pieces
 
@@ -261,37 +264,47 @@ class Transport(ObjectStreams):
         if identity_path is not None:
             kwargs["identity_path"] = identity_path
         p2p: P2P | None = None  # started here (not by DHTNode) when p2pd needs flags hivemind cannot pass
-        try:
-            if relay_plan.p2pd_flags():
-                p2p = await _p2p_class(relay_plan.p2pd_flags()).create(
-                    initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs),
-                    check_if_identity_free=False, **kwargs)  # fmt: skip
-                kwargs = {"p2p": p2p}  # DHTNode then takes no P2P options
-            else:
-                kwargs.update(host_maddrs=list(host_maddrs), check_if_identity_free=False)
-            node = await DHTNode.create(
-                initial_peers=list(initial_peers) or None,
-                record_validator=validator,
-                wait_timeout=limits.dht_wait_timeout,
-                # No DHT caching: every read we make asks for the latest records anyway, and
-                # hivemind's caches cost traffic of their own (measured by scripts/bench_control):
-                # a read re-stores what it found on the nearest node lacking it (cache_nearest),
-                # a store into a cached key schedules a background read (cache_on_store), and
-                # cached keys are re-read before they expire (cache_refresh_before_expiry).
-                cache_locally=False,
-                cache_nearest=0,
-                cache_on_store=False,
-                cache_refresh_before_expiry=0,
-                # (check_if_identity_free=False above: a restarted node reuses its identity, and
-                # the check would cost a throwaway p2pd)
-                **kwargs,
-            )
-        except (P2PDaemonError, OSError, asyncio.TimeoutError) as e:
-            await _shutdown_p2p(p2p)
-            raise TransportError(f"could not start the DHT node: {e}") from e
-        except ValueError as e:  # hivemind raises bare ValueError/TimeoutError when bootstrap fails
-            await _shutdown_p2p(p2p)
-            raise TransportError(f"could not join the swarm through {list(initial_peers)}: {e}") from e
+        first_kwargs = dict(kwargs)
+        # p2pd gives up at once when no bootstrap peer answers its first dial (seen on a loaded
+        # machine through a NAT): a volunteer's node tries again before it reports failure.
+        for attempt in range(BOOTSTRAP_ATTEMPTS):
+            try:
+                if relay_plan.p2pd_flags():
+                    p2p = await _p2p_class(relay_plan.p2pd_flags()).create(
+                        initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs),
+                        check_if_identity_free=False, **kwargs)  # fmt: skip
+                    kwargs = {"p2p": p2p}  # DHTNode then takes no P2P options
+                else:
+                    kwargs.update(host_maddrs=list(host_maddrs), check_if_identity_free=False)
+                node = await DHTNode.create(
+                    initial_peers=list(initial_peers) or None,
+                    record_validator=validator,
+                    wait_timeout=limits.dht_wait_timeout,
+                    # No DHT caching: every read we make asks for the latest records anyway, and
+                    # hivemind's caches cost traffic of their own (measured by scripts/bench_control):
+                    # a read re-stores what it found on the nearest node lacking it (cache_nearest),
+                    # a store into a cached key schedules a background read (cache_on_store), and
+                    # cached keys are re-read before they expire (cache_refresh_before_expiry).
+                    cache_locally=False,
+                    cache_nearest=0,
+                    cache_on_store=False,
+                    cache_refresh_before_expiry=0,
+                    # (check_if_identity_free=False above: a restarted node reuses its identity, and
+                    # the check would cost a throwaway p2pd)
+                    **kwargs,
+                )
+            except (P2PDaemonError, OSError, asyncio.TimeoutError) as e:
+                await _shutdown_p2p(p2p)
+                if attempt + 1 < BOOTSTRAP_ATTEMPTS and initial_peers and _BOOTSTRAP_FAILED in str(e):
+                    logger.warning("could not reach the bootstrap peers; trying again", attempt=attempt + 1, error=str(e)[-120:])
+                    await asyncio.sleep(2.0**attempt)
+                    p2p, kwargs = None, dict(first_kwargs)
+                    continue
+                raise TransportError(f"could not start the DHT node: {e}") from e
+            except ValueError as e:  # hivemind raises bare ValueError/TimeoutError when bootstrap fails
+                await _shutdown_p2p(p2p)
+                raise TransportError(f"could not join the swarm through {list(initial_peers)}: {e}") from e
+            break
         self = cls(_node=node, _validator=validator, _limits=limits)
         self.relay_plan = relay_plan
         await self._p2p.add_binary_stream_handler(OBJECT_PROTOCOL, self.rpc_get_object)

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+import p2pmodel.daemon.transport as transport_module
 from p2pmodel.daemon.transport import (
     HashMismatch,
     StreamOpenError,
@@ -370,3 +371,18 @@ async def test_a_private_server_serves_objects_only_to_the_peers_it_allows(serve
         assert await client.call_fetch(server.peer_id, oid, max_size=1 << 20, timeout=10) == b"members only" * 100
     finally:
         server.serve_only = None
+
+
+async def test_a_node_whose_bootstrap_peer_does_not_answer_tries_again_then_says_so(monkeypatch):
+    starts = []
+    real = transport_module.DHTNode.create
+
+    async def counted(*args, **kwargs):
+        starts.append(1)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(transport_module.DHTNode, "create", counted)
+    dead = "/ip4/127.0.0.1/tcp/1/p2p/QmSoLnSGccFuZQJzRadHn95W2CrSFmZuTdDWP8HXaHca9z"  # nothing listens on port 1
+    with pytest.raises(TransportError, match="bootstrap"):
+        await Transport.create(initial_peers=[dead], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    assert len(starts) == transport_module.BOOTSTRAP_ATTEMPTS
