@@ -258,16 +258,16 @@ class Transport(ObjectStreams):
             TransportError: p2pd did not start or no initial peer answered.
         """
         validator = RecordValidator(limits.max_record_bytes, record_check)
-        kwargs = relay_plan.p2p_options()
+        p2p_options = relay_plan.p2p_options()
         if announce_maddrs:
-            kwargs["announce_maddrs"] = list(announce_maddrs)
+            p2p_options["announce_maddrs"] = list(announce_maddrs)
         if identity_path is not None:
-            kwargs["identity_path"] = identity_path
-        p2p: P2P | None = None  # started here (not by DHTNode) when p2pd needs flags hivemind cannot pass
-        first_kwargs = dict(kwargs)
+            p2p_options["identity_path"] = identity_path
         # p2pd gives up at once when no bootstrap peer answers its first dial (seen on a loaded
         # machine through a NAT): a volunteer's node tries again before it reports failure.
         for attempt in range(BOOTSTRAP_ATTEMPTS):
+            kwargs = dict(p2p_options)
+            p2p: P2P | None = None  # started here (not by DHTNode) when p2pd needs flags hivemind cannot pass
             try:
                 if relay_plan.p2pd_flags():
                     p2p = await _p2p_class(relay_plan.p2pd_flags()).create(
@@ -298,7 +298,6 @@ class Transport(ObjectStreams):
                 if attempt + 1 < BOOTSTRAP_ATTEMPTS and initial_peers and _BOOTSTRAP_FAILED in str(e):
                     logger.warning("could not reach the bootstrap peers; trying again", attempt=attempt + 1, error=str(e)[-120:])
                     await asyncio.sleep(2.0**attempt)
-                    p2p, kwargs = None, dict(first_kwargs)
                     continue
                 raise TransportError(f"could not start the DHT node: {e}") from e
             except ValueError as e:  # hivemind raises bare ValueError/TimeoutError when bootstrap fails

@@ -48,8 +48,9 @@ class DeltaScreen:
     # Chosen by measurement (scripts/screen_study, 6 peers, the default event over 20 rounds and
     # a top-k 5% event over 30; docs/ARCHITECTURE.md "Screening"): honest cosines with the vote
     # fell from 0.58 to 0.17 and from 0.32 to 0.01, flipped deltas -0.03 to -0.70, noise 0.00.
-    # A quarter of the round's median cosine left out no honest delta in 285 rounds x liar
-    # settings and caught all 150 lies; half left out 6 honest deltas late in the top-k event.
+    # A quarter of the round's median cosine left out none of 1,050 honest deltas (50 rounds,
+    # honest alone and beside each of 3 lies) and caught all 150 lies; half left out 6 honest
+    # deltas late in the top-k event.
     min_cosine: float = 0.3  # a cosine at or above this always passes ...
     relative_cosine: float = 0.25  # ... below it, a delta under this x the round's median cosine is left out (0: the fixed floor alone)
     max_norm_ratio: float = 4.0
