@@ -228,6 +228,7 @@ def fused_merge(method: str, kwargs: dict, models: Sequence[Tensor], base: Tenso
     pretty_name="Task Arithmetic",
     reference_url="https://arxiv.org/abs/2212.04089",
     base="required",
+    coordinatewise=True,
 )
 def task_arithmetic(
     deltas: Tensor,

@@ -32,6 +32,7 @@ __all__ = ["linear", "slerp"]
     pretty_name="Linear (weighted average)",
     reference_url="https://arxiv.org/abs/2203.05482",
     base="input",
+    coordinatewise=True,
 )
 def linear(
     tensors: Tensor,

@@ -116,6 +116,10 @@ class MergeMethod:
     n_models: int | None  # exact number of inputs, or None for any number >= 1
     random: bool  # takes a generator (DARE)
     doc: str
+    # Each output entry depends on that entry of the inputs only (no per-tensor norm, quantile or
+    # random stream), so the merge of any slice of a tensor is that slice of the tensor's merge,
+    # bit for bit: what a partitioned reduction (p2pmodel.partition) needs from a method.
+    coordinatewise: bool = False
 
     # base == "required": deltas against the base (task arithmetic, TIES, DARE; as mergekit).
     # base == "optional": deltas against the base, or the raw tensors when there is none.
@@ -249,6 +253,7 @@ def merge_method(
     reference_url: str,
     base: Literal["required", "optional", "input"],
     n_models: int | None = None,
+    coordinatewise: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register `func` under `name`; reads its parameters from its signature (see module doc).
 
@@ -290,6 +295,7 @@ def merge_method(
             n_models=n_models,
             random=random,
             doc=inspect.getdoc(func) or "",
+            coordinatewise=coordinatewise,
         )
         return func
 

@@ -46,6 +46,7 @@ def coordinate_median(x: Tensor) -> Tensor:
     pretty_name="Coordinate-wise median",
     reference_url="https://arxiv.org/abs/1803.01498",
     base="optional",
+    coordinatewise=True,
 )
 def median(deltas: Tensor) -> Tensor:
     """The coordinate-wise median of the task vectors."""
@@ -61,6 +62,7 @@ def _valid_trim(v: float) -> bool:
     pretty_name="Coordinate-wise trimmed mean",
     reference_url="https://arxiv.org/abs/1803.01498",
     base="optional",
+    coordinatewise=True,
 )
 def trimmed_mean(
     deltas: Tensor,
