@@ -15,6 +15,10 @@ that needs and can be tested without a socket:
 - `slice_owners`: who owns each slice, by rendezvous hashing of (key, slice, peer): a peer that
   leaves moves only the slices it owned, so owners (and what an owner keeps, such as the error
   feedback of what it sends) stay put while the membership does.
+- `merge_round_by_slices`: the round's merge as owners will compute it, in one process: each
+  slice's screen sums, the screen decided on their totals, each slice merged, the slices
+  assembled. It gives the version `merge_round` gives (the same id): the reference a
+  distributed round must match.
 - `merge_slice`: a slice's merge. For the methods registered `coordinatewise` (linear,
   task_arithmetic, median, trimmed_mean) it is that slice of the whole model's merge, bit for
   bit; TIES (a per-tensor magnitude quantile), DARE (a per-tensor random stream), SLERP and
@@ -36,9 +40,10 @@ import torch
 
 from p2pmodel.errors import UsageError
 from p2pmodel.merge import METHODS
-from p2pmodel.versioning import Contribution, merge_contributions
+from p2pmodel.screening import DeltaScreen, ScreenSums, screen_from_sums, screen_sums
+from p2pmodel.versioning import Contribution, RoundMerge, RoundSpec, merge_contributions
 
-__all__ = ["PartitionError", "Piece", "SlicePlan", "slice_owners", "merge_slice"]
+__all__ = ["PartitionError", "Piece", "SlicePlan", "slice_owners", "merge_slice", "merge_round_by_slices"]
 
 
 class PartitionError(UsageError):
@@ -193,3 +198,36 @@ def merge_slice(
     if m is not None and not m.coordinatewise:
         raise PartitionError(f"merge method {method!r} needs whole tensors (not coordinatewise): it cannot be reduced by slices")
     return merge_contributions(method, plan.take(base, s), contributions, seed=seed, params=params)
+
+
+def merge_round_by_slices(
+    plan: SlicePlan,
+    base: Mapping[str, torch.Tensor],
+    spec: RoundSpec,
+    contributions: Sequence[Contribution],
+    screen: DeltaScreen | None = None,
+) -> RoundMerge:
+    """`versioning.merge_round`, slice by slice: two passes over the slices, as a partitioned
+    round takes two exchanges (owners' screen sums, then owners' merged slices), because which
+    deltas a slice merges depends on every slice's sums.
+
+    Raises:
+        PartitionError: the method is not coordinatewise.
+        TrainingError, MergeError: as `merge_contributions`.
+    """
+    kept, screened = list(contributions), []
+    if screen is not None and contributions:
+        total: ScreenSums | None = None
+        for s in range(plan.count):
+            part = screen_sums([plan.take(c.delta, s) for c in contributions], screen)
+            total = part if total is None else total + part
+        assert total is not None
+        result = screen_from_sums(total, screen)
+        screened = [(contributions[i].peer_id, why) for i, why in result.excluded]
+        kept = [contributions[i] for i in result.kept]
+    parts = []
+    for s in range(plan.count):
+        sliced = [Contribution(c.peer_id, c.delta_hash, c.weight, plan.take(c.delta, s)) for c in kept]
+        parts.append(merge_slice(plan, s, spec.method, base, sliced, seed=spec.round, params=spec.params))
+    merged = plan.assemble(parts)
+    return RoundMerge(tuple(kept), tuple(screened), merged)

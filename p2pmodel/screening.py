@@ -22,6 +22,10 @@ honest range late in an event); leaving it out, a median of sparse (top-k) delta
 wherever fewer than half of them kept a coordinate, and honest cosines fell to 0.01. The vote
 keeps every coordinate any delta kept. `scripts/screen_study` has the measurements.
 
+The screen's inputs are sums over coordinates (`ScreenSums`: each delta's dot with the others'
+vote, the vote's and the delta's squared norms), so they add up slice by slice: a partitioned
+reduction's owners sum their slices and every peer decides on the totals (`screen_from_sums`).
+
 Every honest peer runs this on the same decoded deltas in the same order, so all derive the
 same kept set and the same version id; the excluded peers and the reasons go into the version
 (`merge["screened"]`). At most ``(n - 1) // 2`` deltas are excluded (the worst first): the
@@ -38,7 +42,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["DeltaScreen", "ScreenResult", "screen_deltas"]
+__all__ = ["DeltaScreen", "ScreenResult", "ScreenSums", "screen_deltas", "screen_sums", "screen_from_sums"]
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,29 @@ class ScreenResult:
     norms: tuple[float, ...]
 
 
-def screen_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], rule: DeltaScreen) -> ScreenResult:
-    """Screen `deltas` (decoded, same tensor names; a missing tensor is zero): each against the
-    sign vote of the others."""
+@dataclass(frozen=True)
+class ScreenSums:
+    """Per delta, the sums the screen decides on, over some of the model's entries: each is a
+    sum over coordinates, so the sums of slices add up to the whole model's (a partitioned
+    reduction's owners each sum their slices; p2pmodel.partition)."""
+
+    dots: tuple[float, ...]  # d_i . (the others' sign vote)
+    ref_sq: tuple[float, ...]  # |the others' sign vote|^2
+    sq: tuple[float, ...]  # |d_i|^2
+    voted: bool  # whether the vote sums were taken (enough deltas for a majority)
+
+    def __add__(self, other: ScreenSums) -> ScreenSums:
+        if len(self.sq) != len(other.sq) or self.voted != other.voted:
+            raise ValueError("screen sums of different rounds cannot be added")
+        add = lambda a, b: tuple(x + y for x, y in zip(a, b))  # noqa: E731
+        return ScreenSums(add(self.dots, other.dots), add(self.ref_sq, other.ref_sq), add(self.sq, other.sq), self.voted)
+
+
+def screen_sums(deltas: Sequence[Mapping[str, torch.Tensor]], rule: DeltaScreen) -> ScreenSums:
+    """The screen's sums over the entries `deltas` hold (decoded, same tensor names, or the same
+    slice of them; a missing tensor is zero), tensor by tensor in name order, in float64."""
     n = len(deltas)
+    voted = n >= rule.min_deltas
     names = sorted({name for d in deltas for name in d})
     sq = [0.0] * n
     dots = [0.0] * n
@@ -86,7 +109,7 @@ def screen_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], rule: DeltaScree
         like = next(d[name] for d in deltas if name in d)
         parts = [(d[name] if name in d else torch.zeros_like(like)).to(torch.float32).reshape(-1) for d in deltas]
         stacked = torch.stack(parts).double()
-        if n >= rule.min_deltas:
+        if voted:
             # Delta i's reference is votes - sign(d_i), where votes sums every delta's signs, so
             # no n x size reference is built: d_i . ref_i = d_i . votes - |d_i|_1 and
             # |ref_i|^2 = |votes|^2 - 2 sign(d_i) . votes + nnz(d_i). Integer sums: exact.
@@ -100,8 +123,21 @@ def screen_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], rule: DeltaScree
         sq_t = stacked.square().sum(dim=1).tolist()
         for i in range(n):
             sq[i] += sq_t[i]
-    norms = tuple(math.sqrt(x) for x in sq)
-    if n < rule.min_deltas:
+    return ScreenSums(tuple(dots), tuple(ref_sq), tuple(sq), voted)
+
+
+def screen_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], rule: DeltaScreen) -> ScreenResult:
+    """Screen `deltas` (decoded, same tensor names; a missing tensor is zero): each against the
+    sign vote of the others."""
+    return screen_from_sums(screen_sums(deltas, rule), rule)
+
+
+def screen_from_sums(sums: ScreenSums, rule: DeltaScreen) -> ScreenResult:
+    """The screen's decision from its sums (over the whole model, or added up from its slices)."""
+    n = len(sums.sq)
+    dots, ref_sq = sums.dots, sums.ref_sq
+    norms = tuple(math.sqrt(x) for x in sums.sq)
+    if not sums.voted:
         return ScreenResult(tuple(range(n)), (), tuple(math.nan for _ in range(n)), norms)
     cosines = tuple(dots[i] / (norms[i] * math.sqrt(ref_sq[i])) if norms[i] > 0 and ref_sq[i] > 0 else 0.0 for i in range(n))
     med_norm = statistics.median(norms)

@@ -22,7 +22,16 @@ from p2pmodel.merge import METHODS, merge_deltas
 from p2pmodel.screening import DeltaScreen, screen_deltas
 from p2pmodel.training import TrainingError, outer_step
 
-__all__ = ["Contribution", "RoundSpec", "OuterOptimizer", "merge_contributions", "build_round_version"]
+__all__ = [
+    "Contribution",
+    "RoundSpec",
+    "OuterOptimizer",
+    "RoundMerge",
+    "merge_contributions",
+    "merge_round",
+    "version_of_merge",
+    "build_round_version",
+]
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,33 @@ def merge_contributions(
     return merged
 
 
+@dataclass(frozen=True)
+class RoundMerge:
+    """What the merge of a round produced, before the outer step: the deltas it kept, those the
+    screen left out (peer, reason), and the merged delta. `merge_round` computes it from whole
+    deltas; a partitioned reduction assembles it from its owners' slices (p2pmodel.partition)."""
+
+    kept: tuple[Contribution, ...]
+    screened: tuple[tuple[str, str], ...]
+    merged: Mapping[str, torch.Tensor]
+
+
+def merge_round(
+    base: Mapping[str, torch.Tensor],
+    spec: RoundSpec,
+    contributions: Sequence[Contribution],
+    screen: DeltaScreen | None = None,
+) -> RoundMerge:
+    """Screen `contributions` (p2pmodel.screening) and merge the rest on `base`."""
+    screened: list[tuple[str, str]] = []
+    if screen is not None:
+        result = screen_deltas([c.delta for c in contributions], screen)
+        screened = [(contributions[i].peer_id, why) for i, why in result.excluded]
+        contributions = [contributions[i] for i in result.kept]
+    merged = merge_contributions(spec.method, base, contributions, seed=spec.round, params=spec.params)
+    return RoundMerge(tuple(contributions), tuple(screened), merged)
+
+
 def build_round_version(
     store: LineageStore,
     spec: RoundSpec,
@@ -105,20 +141,29 @@ def build_round_version(
     screen: DeltaScreen | None = None,
 ) -> tuple[Version, dict[str, torch.Tensor]]:
     """Screen `contributions` (p2pmodel.screening), merge the rest on `spec.base_version`,
-    apply the outer step, store the tensors.
+    apply the outer step, store the tensors (`merge_round`, then `version_of_merge`).
 
     Returns `(version, params)`: the version record (not yet indexed: `store.put_version`
     indexes it once a quorum commits it) and its parameters. Deterministic: the same inputs
     give the same id on every machine (float32 CPU arithmetic, fixed order).
     """
-    base_version = store.get_version(spec.base_version)
     base = store.state_dict(spec.base_version)
-    screened: list[tuple[str, str]] = []
-    if screen is not None:
-        result = screen_deltas([c.delta for c in contributions], screen)
-        screened = [(contributions[i].peer_id, why) for i, why in result.excluded]
-        contributions = [contributions[i] for i in result.kept]
-    merged = merge_contributions(spec.method, base, contributions, seed=spec.round, params=spec.params)
+    return version_of_merge(store, spec, merge_round(base, spec, contributions, screen), outer, base=base)
+
+
+def version_of_merge(
+    store: LineageStore,
+    spec: RoundSpec,
+    merge: RoundMerge,
+    outer: OuterOptimizer,
+    base: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[Version, dict[str, torch.Tensor]]:
+    """Apply the outer step to `merge` on `spec.base_version` (whose tensors `base` holds if
+    given, read from `store` if not), store the tensors, and return `(version, params)` as
+    `build_round_version` does."""
+    base_version = store.get_version(spec.base_version)
+    base = base if base is not None else store.state_dict(spec.base_version)
+    contributions, screened, merged = merge.kept, merge.screened, dict(merge.merged)
     outer = outer.at(spec.round)  # what the version records is the step it took
     momentum = {k: store.get_tensor(e) for k, e in base_version.optimizer_state.items()} or None
     new_params, new_momentum = outer_step(base, merged, momentum, lr=outer.lr, mu=outer.momentum, nesterov=outer.nesterov)

@@ -152,3 +152,53 @@ def test_fewer_members_than_replicas_all_own_every_slice_and_no_members_is_refus
     assert slice_owners(3, ["a"], "k", replicas=2) == (("a",),) * 3
     with pytest.raises(PartitionError, match="no members"):
         slice_owners(3, [], "k", replicas=2)
+
+
+def test_the_screen_decides_the_same_from_slice_sums_as_from_whole_deltas():
+    """Owners each sum their slices; the totals give the whole model's screen (a flipped delta
+    and noise of an honest norm are left out either way)."""
+    from p2pmodel.screening import DeltaScreen, screen_deltas, screen_from_sums, screen_sums
+
+    g = torch.Generator().manual_seed(5)
+    signal = {k: torch.randn(shape, generator=g) for k, shape in CHARLM.items()}
+    honest = [{k: v + 1.5 * torch.randn(v.shape, generator=g) for k, v in signal.items()} for _ in range(6)]
+    flipped = {k: -3 * v for k, v in honest.pop().items()}  # an honest delta the liar trained, sent flipped
+    noise = {k: torch.randn(v.shape, generator=g) * float(v.norm()) / math.sqrt(v.numel()) for k, v in honest[1].items()}
+    deltas = honest + [flipped, noise]
+    rule = DeltaScreen()
+    whole = screen_deltas(deltas, rule)
+    plan = SlicePlan.of(CHARLM, 6)
+    per_slice = [screen_sums([plan.take(d, s) for d in deltas], rule) for s in range(plan.count)]
+    total = per_slice[0]
+    for part in per_slice[1:]:
+        total = total + part
+    sliced = screen_from_sums(total, rule)
+    assert sliced.kept == whole.kept == (0, 1, 2, 3, 4)
+    assert [i for i, _ in sliced.excluded] == [i for i, _ in whole.excluded] == [5, 6]
+    assert sliced.cosines == pytest.approx(whole.cosines, rel=1e-9)
+    assert sliced.norms == pytest.approx(whole.norms, rel=1e-12)
+
+
+def test_a_round_merged_slice_by_slice_commits_the_same_version_id(tmp_path):
+    """The reference a distributed round must match: screen sums per slice, the screen on their
+    totals, each slice merged, assembled; then the outer step gives the whole merge's version."""
+    from p2pmodel.lineage import LineageStore
+    from p2pmodel.partition import merge_round_by_slices
+    from p2pmodel.screening import DeltaScreen
+    from p2pmodel.versioning import OuterOptimizer, RoundSpec, build_round_version, version_of_merge
+
+    g = torch.Generator().manual_seed(8)
+    signal = {k: 0.01 * torch.randn(shape, generator=g) for k, shape in CHARLM.items()}
+    deltas = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in signal.items()} for _ in range(4)]
+    deltas.append({k: -5 * v for k, v in signal.items()})  # a liar, left out by the screen
+    contributions = [Contribution(f"p{i}", f"d{i}", float(100 + i), d) for i, d in enumerate(deltas)]
+    outer = OuterOptimizer(lr=0.7, momentum=0.8)
+    with LineageStore.init(tmp_path / "repo") as store:
+        base_id = store.commit(_random_model(CHARLM, 9), parents=(), message="seed", time=0.0).id
+        spec = RoundSpec(round=3, base_version=base_id, proposer="p0", time=1.0, method="linear",
+                         members=tuple(c.peer_id for c in contributions), proposal_hash="ab" * 32)  # fmt: skip
+        whole, _ = build_round_version(store, spec, contributions, outer, DeltaScreen())
+        merge = merge_round_by_slices(SlicePlan.of(CHARLM, 5), store.state_dict(base_id), spec, contributions, DeltaScreen())
+        sliced, _ = version_of_merge(store, spec, merge, outer)
+    assert [p for p, _ in merge.screened] == ["p4"]
+    assert sliced.id == whole.id
