@@ -63,6 +63,7 @@ from p2pmodel.daemon.sync import (
 from p2pmodel.daemon.transport import FetchError, ObjectNotFound, TransportError, expiration_in
 from p2pmodel.errors import P2PModelError
 from p2pmodel.ci import CIGate, median_metrics, run_gate
+from p2pmodel.credits import samples_trained_since
 from p2pmodel.lineage import Annotations, LineageError, LineageStore, Version
 from p2pmodel.peers import SwarmView
 from p2pmodel.protocols import round as rm
@@ -265,9 +266,10 @@ class RoundRunner:
         self._gossip, self._delivery = Gossip(transport, self._receive, targets=self._push_targets), _Delivery()
         self._announced: dict[str, DeltaAnnouncement] = {}  # delta hash -> announcement
         self._delta_bytes: dict[str, tuple[int, bytes]] = {}  # delta hash -> (round, encoded bytes)
-        self._own_raw: dict[str, tuple[dict[str, torch.Tensor], int]] = {}  # our hash -> (raw delta, samples)
+        # our hash -> (raw delta, samples, of them those some earlier announcement of ours held)
+        self._own_raw: dict[str, tuple[dict[str, torch.Tensor], int, int]] = {}
         self._last_encoded: str | None = None
-        self._kept: tuple[dict[str, torch.Tensor], int] | None = None  # carried delta, its samples
+        self._kept: tuple[dict[str, torch.Tensor], int, int] | None = None  # carried delta, its samples, of them announced
         self._vote_envelopes: dict[tuple[int, str], bytes] = {}  # (round, voter) -> signed vote
         self._certificates = ServedCertificates(transport)  # of the Commits we published or fetched
         self._candidates: dict[str, _Candidate] = {}
@@ -791,11 +793,11 @@ class RoundRunner:
         while self.disk.full:  # a full disk stops training; the round goes on without our delta
             await asyncio.sleep(POLL_TICK)
         base = await asyncio.to_thread(self.store.state_dict, a.base_version)
-        start, kept_samples = base, 0
+        start, kept_samples, kept_announced = base, 0, 0
         if self._kept is not None:
             # Continue from where our unmerged work left off (base + kept delta) instead of adding
             # the kept delta to a fresh one: two deltas trained from one base would count twice.
-            kept, kept_samples = self._kept
+            kept, kept_samples, kept_announced = self._kept
             start = {k: base[k] + kept[k].to(base[k].dtype) for k in base}
         result, delta = await self.trainer.train_round(start, self._step_budget(), first_step=a.round * self.event.inner_steps)
         # Never idle while the swarm merges, nor while our delta is encoded (the encode and its
@@ -810,7 +812,9 @@ class RoundRunner:
             self.record_error(f"round {a.round}: training produced NaN/Inf; the delta is dropped")
             self.feedback.reset()
             delta, samples = {k: torch.zeros_like(t) for k, t in delta.items()}, 0  # claims no work
-        own = (delta, samples)  # what we keep if it is not merged (a liar keeps its honest work too)
+        # samples an earlier announcement of ours held: the others counted them as trained then
+        carried = min(kept_announced, samples)  # (a delta zeroed above claims no work, carried or not)
+        own = (delta, samples, carried)  # what we keep if it is not merged (a liar keeps its honest work too)
         delta, samples = self._outgoing_delta(delta, samples)
         encoded = await self.trainer.call(self.feedback.encode, delta)
         encoded = dataclasses.replace(encoded, data=self._outgoing_bytes(encoded.data))
@@ -833,7 +837,7 @@ class RoundRunner:
             delta_bytes=len(encoded.data),
             ratio=round(encoded.ratio, 1),
         )
-        self._post(rm.TrainingDone(time.time(), h, max(1, samples), len(encoded.data), norm=norm))
+        self._post(rm.TrainingDone(time.time(), h, max(1, samples), len(encoded.data), norm=norm, carried=carried))
 
     def _serves(self, libp2p_id: str) -> bool:
         """Private events serve objects only to the libp2p ids their allowed peers announced."""
@@ -858,12 +862,13 @@ class RoundRunner:
             return
         if a.delta_hash == self._last_encoded:
             self.feedback.rollback()  # the kept delta will be encoded again inside the next one
-        raw, samples = own
+        raw, samples, carried = own
+        announced = samples if a.announced else carried  # a stale delta was never announced
         if self._kept is None:
-            self._kept = (raw, samples)
+            self._kept = (raw, samples, announced)
         else:
-            kept, ks = self._kept
-            self._kept = ({k: kept[k] + raw[k] for k in kept}, ks + samples)
+            kept, ks, ka = self._kept
+            self._kept = ({k: kept[k] + raw[k] for k in kept}, ks + samples, ka + announced)
 
     async def _fetch_delta(self, a: rm.FetchDelta) -> None:
         ok = a.delta_hash in self._delta_bytes
@@ -1041,7 +1046,7 @@ class RoundRunner:
         certificate = self._certificate(a.round, a.votes)
         metrics = median_metrics([v.metrics for v in a.votes])
         ann = Annotations(metrics=metrics, certificate={"round": a.round, "proposal": a.proposal_hash, "votes": list(certificate),
-                                                        "observed": self._observed(a.round)})
+                                                        "observed": self._observed(a.round, a.votes[0].base_version)})
         candidate = self._candidates.pop(a.version_id, None)
         if candidate is not None:
             await asyncio.to_thread(store.put_version, candidate.version, ann, "main")
@@ -1058,11 +1063,12 @@ class RoundRunner:
             logger.info("max rounds reached", rounds=self.rounds_joined)
             self.request_stop()
 
-    def _observed(self, round_: int) -> dict[str, dict]:
+    def _observed(self, round_: int, base: str) -> dict[str, dict]:
         """What the round's peers announced themselves, as this node received it: their display
-        names and the samples behind their deltas. Kept beside the certificate (not part of it, nor
-        of the version id: each peer saw its own) for `p2pmodel credits`; see p2pmodel/credits.py."""
-        samples = {m.peer_id: m.samples for m in self._announced.values() if m.round == round_}
+        names and the samples they trained for it (`samples_trained_since`). Kept beside the certificate (not
+        part of it, nor of the version id: each peer saw its own) for `p2pmodel credits`; see
+        p2pmodel/credits.py."""
+        samples = samples_trained_since(self._announced.values(), round_, base)
         return {"names": self.swarm.names(samples.keys() | set(self.machine.members if self.machine else ())), "samples": samples}
 
     def _record_round(self, a: rm.CommitVersion, version: Version, metrics: dict[str, float]) -> None:
@@ -1074,7 +1080,7 @@ class RoundRunner:
             "contributors": len(version.contributors),
             "eval_loss": metrics.get("eval_loss"),
             # every announced delta of the round vs those merged: what the swarm did with its work
-            "samples_trained": sum(m.samples for m in self._announced.values() if m.round == a.round and m.base_version == version.parents[0]),
+            "samples_trained": sum(samples_trained_since(self._announced.values(), a.round, version.parents[0]).values()),
             "samples_merged": int(sum(d[2] for d in (version.merge or {}).get("deltas", ()))),
         }
         if t is not None and t.round == a.round:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from p2pmodel.peers import display_name
 
-__all__ = ["CreditedVersion", "PeerCredit", "leaderboard", "observed_of"]
+__all__ = ["CreditedVersion", "PeerCredit", "AnnouncedDelta", "leaderboard", "observed_of", "samples_trained_since"]
 
 
 class CreditedVersion(Protocol):
@@ -47,6 +47,33 @@ class CreditedVersion(Protocol):
     def author(self) -> str: ...
     @property
     def merge(self) -> Mapping[str, Any] | None: ...
+
+
+class AnnouncedDelta(Protocol):
+    """The parts of a delta announcement that count samples trained (protocols' DeltaAnnouncement)."""
+
+    @property
+    def peer_id(self) -> str: ...
+    @property
+    def round(self) -> int: ...
+    @property
+    def base_version(self) -> str: ...
+    @property
+    def samples(self) -> int: ...
+    @property
+    def carried(self) -> int: ...
+
+
+def samples_trained_since(announced: Iterable[AnnouncedDelta], round_: int, base: str) -> dict[str, int]:
+    """Per peer, the samples it trained for the rounds on `base` up to `round_` (the rounds since
+    `base` committed: a failed round's work counts with the next commit), each sample once: the
+    samples a delta carried in from an earlier one of its announcements were counted with that one.
+    """
+    out: dict[str, int] = {}
+    for m in announced:
+        if m.base_version == base and m.round <= round_:
+            out[m.peer_id] = out.get(m.peer_id, 0) + m.samples - m.carried
+    return out
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import typing
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Annotated, Any, ClassVar, NamedTuple
 
 import msgpack
@@ -212,6 +212,14 @@ class DeltaAnnouncement(Message):
     delta_hash: Sha256Hex  # sha256 hex of the encoded delta bytes
     encoded_size: Size  # bytes of the encoded delta (the object stream's total size for `delta_hash`)
     samples: Count  # training samples behind the delta (the FedAvg weight)
+    # of `samples`, those trained for earlier rounds: a delta the merge left out, carried into
+    # this one (so a round's samples trained count each sample once). Added in 1.0 with a
+    # default: written only when not 0, so records without it keep their bytes and hashes.
+    carried: Count = field(default=0, metadata={"omit_default": True})
+
+    def _check(self) -> None:
+        if self.carried > self.samples:
+            raise _Bad("exceeds samples", "carried")
 
 
 @dataclass(frozen=True)
@@ -339,7 +347,11 @@ def encode(msg: Message) -> bytes:
     """
     if not isinstance(msg, Message) or type(msg).TYPE not in MESSAGE_TYPES:
         raise LocalProtocolError(f"cannot encode {type(msg).__name__}: not a wire message")
-    body = {f.name: _to_wire(getattr(msg, f.name)) for f in sorted(fields(msg), key=lambda f: f.name)}
+    body = {
+        f.name: _to_wire(getattr(msg, f.name))
+        for f in sorted(fields(msg), key=lambda f: f.name)
+        if not (f.metadata.get("omit_default") and getattr(msg, f.name) == f.default)
+    }
     data = msgpack.packb({"b": body, "t": msg.TYPE, "v": list(PROTOCOL_VERSION)}, use_bin_type=True)
     if len(data) > LIMITS[msg.TYPE]:
         raise InvalidMessage(msg.TYPE, "<encoded>", f"{len(data)} bytes exceed the limit of {LIMITS[msg.TYPE]}")

@@ -435,7 +435,7 @@ class RoundMachine:
         v = self._round_view
         if base != v.base:
             # Trained on a head that has since moved: the delta is stale; carry it and retrain.
-            out.append(KeepDelta(ev.delta_hash, round_, base))
+            out.append(KeepDelta(ev.delta_hash, round_, base, announced=False))
             self._start_training(out)
             return
         self._my_delta = (ev.delta_hash, ev.samples, ev.encoded_size, v.round, v.base)
@@ -444,6 +444,7 @@ class RoundMachine:
         ann = DeltaAnnouncement(
             round=v.round, base_version=v.base, peer_id=self.peer.peer_id,
             delta_hash=ev.delta_hash, encoded_size=ev.encoded_size, samples=ev.samples,
+            carried=min(ev.carried, ev.samples),
         )  # fmt: skip
         out.append(Publish(ann))
         self._on_delta_announcement(ann, self.peer.peer_id, out)

@@ -43,6 +43,7 @@ class TrainingDone:
     samples: int  # training samples behind it
     encoded_size: int  # bytes of the encoded delta
     norm: float | None = None  # L2 norm of the decoded delta (screening compares it with the others')
+    carried: int = 0  # of `samples`, those trained for earlier rounds (an unmerged delta carried into it)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class KeepDelta:
     delta_hash: str
     round: int  # round it was trained for
     base_version: str
+    announced: bool = True  # False: trained on a head that moved on, never announced
 
 
 @dataclass(frozen=True)

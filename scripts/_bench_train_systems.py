@@ -471,9 +471,9 @@ def rounds_to_target(lines: list[dict[str, Any]], rounds: int, planned_samples: 
     """How many committed rounds (of this node's ' committed ' lines) give the other systems' budget.
 
     The budget is samples trained, N * steps * batch: every system gets the same compute. When
-    the daemon logs `samples_trained` (every announced delta of the round, carried work
-    included), the target is the first round where their sum reaches the budget: a failed round
-    carries its work into the next, so R committed rounds could hold more than R * H steps per
+    the daemon logs `samples_trained` (the samples trained since the last commit, each counted
+    once), the target is the first round where their sum reaches the budget: a failed round's
+    work counts at the next commit, so R committed rounds could hold more than R * H steps per
     peer. Without that field, the target is R = steps / H committed rounds. None: not reached yet.
     """
     if lines and all(isinstance(line.get("samples_trained"), float) for line in lines):

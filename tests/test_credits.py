@@ -204,3 +204,24 @@ def test_a_missing_lineage_is_one_line_and_a_bad_limit_a_usage_error(tmp_path, l
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nowhere" in err
     assert credits("--home", lineage, "--limit", 0) == 2
+
+
+def _ann(peer, round_, samples, carried=0, base="B"):
+    from p2pmodel.protocols.messages import DeltaAnnouncement
+
+    return DeltaAnnouncement(round_, base * 64, peer * 40, "d" * 63 + str(round_ % 10), 100, samples, carried)
+
+
+def test_samples_trained_count_each_sample_once_when_a_delta_is_carried():
+    """Round 3 committed without a's delta (a carries it into round 4); round 4 committed with it:
+    round 4 counts a's new work only. A failed round's work counts with the next commit."""
+    from p2pmodel.credits import samples_trained_since
+
+    b3, b4 = "c" * 64, "e" * 64
+    left_out = [_ann("a", 3, 100, base="c"), _ann("b", 3, 100, base="c")]  # round 3 on b3: b merged, a not
+    carried = [_ann("a", 4, 220, carried=100, base="e"), _ann("b", 4, 120, base="e")]  # round 4 on b4
+    a, b = "a" * 40, "b" * 40
+    assert samples_trained_since(left_out + carried, 3, b3) == {a: 100, b: 100}
+    assert samples_trained_since(left_out + carried, 4, b4) == {a: 120, b: 120}
+    failed = [_ann("a", 5, 100, base="f"), _ann("a", 6, 210, carried=100, base="f")]  # round 5 failed on b5
+    assert samples_trained_since(failed, 6, "f" * 64) == {a: 210}

@@ -95,7 +95,7 @@ def _largest(type_name: str) -> m.Message:
             scalars, H1, m.MAX_U63, big,
         ),
         "departure": m.Departure(PEER, m.MAX_U63, big),
-        "delta_announcement": m.DeltaAnnouncement(m.MAX_U63, H1, PEER, H2, m.MAX_PAYLOAD, m.MAX_U63),
+        "delta_announcement": m.DeltaAnnouncement(m.MAX_U63, H1, PEER, H2, m.MAX_PAYLOAD, m.MAX_U63, m.MAX_U63),
         "proposal": m.Proposal(
             m.MAX_U63, H1, PEER, peers, tuple(zip(peers, hashes, [big] * n)), big, "m" * m.MAX_NAME, scalars
         ),
@@ -155,6 +155,17 @@ def test_a_message_does_not_share_the_callers_dict():
 
 
 # --- versions, types, sizes ---------------------------------------------------------------
+
+
+def test_a_field_added_with_a_default_is_omitted_at_its_default_so_old_bytes_and_hashes_hold():
+    """`carried` came after 1.0: an announcement without carried work encodes as before it
+    existed, one with carried work says so, and more carried than samples is refused."""
+    plain = m.DeltaAnnouncement(7, H1, PEER, H2, 1000, 4096)
+    assert b"carried" not in m.encode(plain)
+    carrying = m.DeltaAnnouncement(7, H1, PEER, H2, 1000, 4096, carried=1024)
+    assert m.decode(m.encode(carrying)) == carrying and m.message_hash(carrying) != m.message_hash(plain)
+    with pytest.raises(InvalidMessage, match="carried"):
+        m.DeltaAnnouncement(7, H1, PEER, H2, 1000, 4096, carried=4097)
 
 
 def test_unknown_body_fields_are_ignored():

@@ -247,6 +247,13 @@ def test_training_done_announces_the_delta_on_the_round_base():
     )
 
 
+def test_a_delta_that_carries_earlier_work_says_how_many_of_its_samples_are_carried():
+    m = machine()
+    acts = m.process(TrainingDone(1.0, delta_hash(ORDER[0]), 30, 100, carried=20))
+    (pub,) = of(acts, Publish)
+    assert (pub.message.samples, pub.message.carried) == (30, 20)
+
+
 def test_announced_deltas_of_members_are_prefetched():
     m = machine()
     m.process(announce(ORDER[1]))
@@ -546,7 +553,7 @@ def test_stale_training_result_after_a_commit_is_kept_and_training_restarts():
     acts = m.process(VersionSynced(34.0, "cd" * 32, R))
     assert m.round == R + 1 and not of(acts, StartTraining)
     acts = m.process(TrainingDone(40.0, delta_hash(ORDER[3]), 10, 100))
-    assert of(acts, KeepDelta) == [KeepDelta(delta_hash(ORDER[3]), R, BASE)]
+    assert of(acts, KeepDelta) == [KeepDelta(delta_hash(ORDER[3]), R, BASE, announced=False)]  # its samples were never announced
     assert of(acts, StartTraining) == [StartTraining(R + 1, "cd" * 32)]
 
 
