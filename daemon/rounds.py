@@ -50,6 +50,7 @@ import torch
 from p2pmodel.daemon.disk import DiskWatch
 from p2pmodel.daemon.gossip import Gossip
 from p2pmodel.daemon.logs import StatusLine, get_logger
+from p2pmodel.daemon.trainer import PendingContribution
 from p2pmodel.daemon.sync import (
     CertifiedVersion,
     ServedCertificates,
@@ -90,7 +91,7 @@ from p2pmodel.screening import DeltaScreen
 # the event's roster key (`{prefix}/peers`), written when its addresses change and refreshed
 # long before it expires, which is where joiners and laggards look for peers.
 PUSH_FIRST = (PeerAnnouncement, DeltaAnnouncement, Proposal, Vote)
-from p2pmodel.versioning import Contribution, OuterOptimizer, RoundSpec, build_round_version
+from p2pmodel.versioning import OuterOptimizer, RoundSpec
 
 if TYPE_CHECKING:
     from p2pmodel.daemon.config import EventConfig
@@ -816,12 +817,12 @@ class RoundRunner:
         carried = min(kept_announced, samples)  # (a delta zeroed above claims no work, carried or not)
         own = (delta, samples, carried)  # what we keep if it is not merged (a liar keeps its honest work too)
         delta, samples = self._outgoing_delta(delta, samples)
-        encoded = await self.trainer.call(self.feedback.encode, delta)
+        encoded = await self.trainer.encode(self.feedback, delta)
         encoded = dataclasses.replace(encoded, data=self._outgoing_bytes(encoded.data))
         h = hashlib.sha256(encoded.data).hexdigest()
         # our norm as the others will see it: of what they decode, not of the raw delta
         try:
-            norm = await self.trainer.call(_decoded_norm, self.codec, encoded.data, self.store.get_version(a.base_version).tensors)
+            norm = await self.trainer.decoded_norm(self.codec, encoded.data, self.store.get_version(a.base_version).tensors)
         except (ValueError, P2PModelError):
             norm = None  # only bytes we tampered with fail here (see faults.py); the others judge them
         self._delta_bytes[h] = (a.round, encoded.data)
@@ -890,7 +891,7 @@ class RoundRunner:
             return
         ann = self._announced.get(a.delta_hash)
         base = ann.base_version if ann is not None else self.head
-        norm, reason = await self.trainer.call(self._screen, a.delta_hash, base)
+        norm, reason = await self._check_fetched(a.delta_hash, base)
         if reason:
             self.record_error(f"delta {a.delta_hash[:12]} from {a.peer_id[:12]} rejected: {reason}")
             self.exclusions.append({"round": self.machine.round, "peer": a.peer_id, "reason": reason})
@@ -931,26 +932,23 @@ class RoundRunner:
         order = ([announcer] if announcer in self._peers and announcer != me else []) + recent
         return [self._peers[k].libp2p_id for k in order][:6]
 
-    def _screen(self, delta_hash: str, base: str) -> tuple[float | None, str]:
+    async def _check_fetched(self, delta_hash: str, base: str) -> tuple[float | None, str]:
         """Decode a fetched delta and check it (in the merge thread): (L2 norm, "" or why it is unusable).
 
-        The decoder validates every size before allocating; here the values are checked: all
+        The decoder validates every size before allocating; then the values are checked: all
         finite. The norm goes to the round machine, which compares it with the others'.
         """
         try:
             manifest = self.store.get_version(base).tensors
-            decoded = self.codec.decode(self._delta_bytes[delta_hash][1], manifest)
+            data = self._delta_bytes[delta_hash][1]
         except (ValueError, P2PModelError) as e:
             return None, f"does not decode: {str(e)[:120]}"
         except KeyError:
             return None, "base version unknown"
-        sq = 0.0
-        for name, t in decoded.items():
-            if not torch.isfinite(t).all():
-                return None, f"non-finite values in {name}"
-            sq += float(t.double().square().sum())
-        self._decoded[delta_hash] = decoded
-        return math.sqrt(sq), ""
+        checked = await self.trainer.check_delta(self.codec, data, manifest)
+        if checked.decoded is not None:
+            self._decoded[delta_hash] = checked.decoded
+        return checked.norm, checked.reason
 
     async def _fetch_proposal(self, a: rm.FetchProposal) -> None:
         for value in (await self._fetch_key(f"{self.prefix}/r/{a.round}/proposal")).values():
@@ -967,7 +965,7 @@ class RoundRunner:
     async def _merge(self, a: rm.Merge) -> None:
         t0 = time.monotonic()
         try:
-            version, params = await self.trainer.call(self._build_version, a.proposal, a.proposal_hash)
+            version, params = await self._build_version(a.proposal, a.proposal_hash)
             metrics = await self.trainer.evaluate(params)
             parent, recent = await self._recent_metrics(a.proposal.base_version)
             report = await asyncio.to_thread(run_gate, self.gate, metrics, parent=parent, recent=recent, params=params)
@@ -1014,21 +1012,17 @@ class RoundRunner:
                 await asyncio.to_thread(self.store.annotate, vid, metrics=metrics)
         return self._eval_cache[vid]
 
-    def _build_version(self, p: Proposal, proposal_hash: str) -> tuple[Version, dict[str, torch.Tensor]]:
-        """Decode the proposal's deltas and build its version (in the trainer thread): see p2pmodel.versioning."""
-        manifest = self.store.get_version(p.base_version).tensors
-        contributions = [
-            Contribution(
-                d.peer_id, d.delta_hash, d.weight,
-                self._decoded.get(d.delta_hash) or self.codec.decode(self._delta_bytes[d.delta_hash][1], manifest),
-            )
+    async def _build_version(self, p: Proposal, proposal_hash: str) -> tuple[Version, dict[str, torch.Tensor]]:
+        """Build the proposal's version from its deltas (in the merge thread): see p2pmodel.versioning."""
+        deltas = [
+            PendingContribution(d.peer_id, d.delta_hash, d.weight, self._decoded.get(d.delta_hash) or self._delta_bytes[d.delta_hash][1])
             for d in p.deltas
-        ]  # fmt: skip
+        ]
         spec = RoundSpec(
             round=p.round, base_version=p.base_version, proposer=p.proposer, time=p.time, method=p.method,
             members=tuple(p.members), proposal_hash=proposal_hash, params=dict(p.params),
         )  # fmt: skip
-        return build_round_version(self.store, spec, contributions, self.outer, self.screen)
+        return await self.trainer.build_version(self.store, spec, deltas, self.codec, self.outer, self.screen)
 
     # ------------------------------------------------------------------------------ commits
 
@@ -1216,6 +1210,3 @@ class RoundRunner:
             "swarm": self.swarm.snapshot(time.time(), me=self.identity.peer_id),
         }
 
-
-def _decoded_norm(codec: DeltaCodec, data: bytes, manifest) -> float:
-    return math.sqrt(sum(float(t.double().square().sum()) for t in codec.decode(data, manifest).values()))

@@ -5,7 +5,8 @@ rounds, as DiLoCo wants). Its coroutines hand the work to a single-thread execut
 it; the loop stays free for DHT records, stream handlers and the status API.
 
 Two threads: one trains, nothing else (so training never queues behind a merge, an encode or
-an evaluation); the other runs those (`call`, `evaluate`) on its own copy of the model. On CPU,
+an evaluation); the other runs those, each a named coroutine (`encode`, `decoded_norm`,
+`check_delta`, `build_version`, `evaluate`), evaluation on its own copy of the model. On CPU,
 torch's intra-op pool gets all cores but one (`cpu_thread_budget`), leaving a core for the
 event loop.
 
@@ -18,19 +19,25 @@ that round's budget.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from p2pmodel.daemon.logs import get_logger
+from p2pmodel.errors import P2PModelError
+from p2pmodel.lineage import LineageStore, Version
+from p2pmodel.protocols.codec import DeltaCodec, EncodedDelta, ErrorFeedback
+from p2pmodel.screening import DeltaScreen
 from p2pmodel.tasks import Task
 from p2pmodel.training import InnerTrainer, LRSchedule, TrainResult, cpu_thread_budget
+from p2pmodel.versioning import Contribution, OuterOptimizer, RoundSpec, build_round_version
 
-__all__ = ["Trainer", "TrainingProgress", "resolve_device"]
+__all__ = ["Trainer", "TrainingProgress", "CheckedDelta", "PendingContribution", "resolve_device"]
 
 logger = get_logger(__name__)
 
@@ -40,6 +47,25 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+@dataclass(frozen=True)
+class CheckedDelta:
+    """A fetched delta decoded and checked: its tensors and L2 norm, or why it is unusable."""
+
+    decoded: dict[str, torch.Tensor] | None
+    norm: float | None
+    reason: str  # "" when usable
+
+
+@dataclass(frozen=True)
+class PendingContribution:
+    """A listed delta on its way into a merge: decoded already, or its encoded bytes."""
+
+    peer_id: str
+    delta_hash: str
+    weight: float
+    delta: Mapping[str, torch.Tensor] | bytes
 
 
 @dataclass
@@ -191,9 +217,31 @@ class Trainer:
         with torch.no_grad():
             return {k: float(v) for k, v in self.task.evaluate(self._eval_model, self.device).items()}
 
-    async def call(self, fn, *args):
-        """Run any other heavy function (merge, encode, decode) in the second thread, beside training."""
-        return await self._run_aux(fn, *args)
+    # The other heavy work, in the second thread beside training, one coroutine per job:
+
+    async def encode(self, feedback: ErrorFeedback, delta: Mapping[str, torch.Tensor]) -> EncodedDelta:
+        """Our delta encoded through our error feedback (which it updates)."""
+        return await self._run_aux(feedback.encode, delta)
+
+    async def decoded_norm(self, codec: DeltaCodec, data: bytes, manifest: Mapping[str, Any]) -> float:
+        """The L2 norm of `data` as the others decode it (screening compares norms)."""
+        return await self._run_aux(_decoded_norm, codec, data, manifest)
+
+    async def check_delta(self, codec: DeltaCodec, data: bytes, manifest: Mapping[str, Any]) -> CheckedDelta:
+        """A fetched delta decoded (every size checked before allocating) and its values checked."""
+        return await self._run_aux(_check_delta, codec, data, manifest)
+
+    async def build_version(
+        self,
+        store: LineageStore,
+        spec: RoundSpec,
+        deltas: Sequence[PendingContribution],
+        codec: DeltaCodec,
+        outer: OuterOptimizer,
+        screen: DeltaScreen | None,
+    ) -> tuple[Version, dict[str, torch.Tensor]]:
+        """Decode what is not decoded yet and build the round's version (p2pmodel.versioning)."""
+        return await self._run_aux(_build_version, store, spec, deltas, codec, outer, screen)
 
     def stop(self) -> None:
         """Ask the current training to end after its current step."""
@@ -205,3 +253,36 @@ class Trainer:
         self._ahead_stop.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._aux.shutdown(wait=False, cancel_futures=True)
+
+
+def _decoded_norm(codec: DeltaCodec, data: bytes, manifest: Mapping[str, Any]) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in codec.decode(data, manifest).values()))
+
+
+def _check_delta(codec: DeltaCodec, data: bytes, manifest: Mapping[str, Any]) -> CheckedDelta:
+    try:
+        decoded = codec.decode(data, manifest)
+    except (ValueError, P2PModelError) as e:
+        return CheckedDelta(None, None, f"does not decode: {str(e)[:120]}")
+    sq = 0.0
+    for name, t in decoded.items():
+        if not torch.isfinite(t).all():
+            return CheckedDelta(None, None, f"non-finite values in {name}")
+        sq += float(t.double().square().sum())
+    return CheckedDelta(decoded, math.sqrt(sq), "")
+
+
+def _build_version(
+    store: LineageStore,
+    spec: RoundSpec,
+    deltas: Sequence[PendingContribution],
+    codec: DeltaCodec,
+    outer: OuterOptimizer,
+    screen: DeltaScreen | None,
+) -> tuple[Version, dict[str, torch.Tensor]]:
+    manifest = store.get_version(spec.base_version).tensors
+    contributions = [
+        Contribution(d.peer_id, d.delta_hash, d.weight, codec.decode(d.delta, manifest) if isinstance(d.delta, bytes) else d.delta)
+        for d in deltas
+    ]
+    return build_round_version(store, spec, contributions, outer, screen)
