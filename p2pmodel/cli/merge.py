@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from p2pmodel.merge.engine import PROVENANCE_FILE
 from p2pmodel.merge.recipe import load_recipe
 from p2pmodel.merge.registry import METHODS, get_method
 from p2pmodel.merge.sources import VersionReader, resolve_input
+from p2pmodel.progress import Progress
 
 __all__ = ["register"]
 
@@ -110,24 +109,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-class _Progress:
-    """Progress on stderr: a rewritten line on a terminal, a line every few seconds otherwise."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, done: int, total: int, name: str) -> None:
-        now = time.monotonic()
-        if self.tty:
-            print(f"\rmerging {done}/{total} {name[:60]:<60}", end="", file=sys.stderr, flush=True)
-            if done >= total:
-                print(file=sys.stderr)
-        elif now - self.last >= 5 or done >= total:
-            print(f"merging {done}/{total} {name}", file=sys.stderr, flush=True)
-            self.last = now
-
-
 def _request(args: argparse.Namespace) -> tuple[str, list[str], str | None, dict, torch.dtype | None]:
     """(method, model texts, base text, parameters, output dtype) from the flags or the recipe."""
     params = {param: getattr(args, dest) for dest, param in _PARAM_FLAGS.items() if getattr(args, dest) is not None}
@@ -160,11 +141,12 @@ def _run(args: argparse.Namespace) -> int:
         base = resolve_input(base_text, args.repo, store) if base_text is not None else None
         target = _commit_target(store, args.branch, [base] + sources if get_method(method).base == "input" else sources,
                                 model_texts) if args.commit else None
-        with tempfile.TemporaryDirectory(prefix="p2pmodel-merge-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="p2pmodel-merge-") as tmp, \
+                Progress(None, "merging", unit="tensors", log_every=5.0) as progress:
             output = args.output or str(Path(tmp) / "merged")
             report = merge_checkpoints(
                 method, sources, base=base, output=output, force=args.force, seed=args.seed, rng="mergekit",
-                allow_missing=args.allow_missing, out_dtype=out_dtype, progress=_Progress(), **params,
+                allow_missing=args.allow_missing, out_dtype=out_dtype, progress=progress.at, **params,
             )
             version = _record(store, target, report, args, base, sources) if target else None
     finally:

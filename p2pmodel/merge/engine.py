@@ -61,7 +61,7 @@ from p2pmodel.merge.workspace import reuse_buffers
 __all__ = ["MergeReport", "TensorMissing", "InputError", "OutputExists", "merge_checkpoints", "PROVENANCE_FILE"]
 
 PROVENANCE_FILE = "p2pmodel_merge.json"  # method, parameters and inputs of the merge
-Progress = Callable[[int, int, str], None]  # (tensors done, tensors total, tensor name)
+ProgressCallback = Callable[[int, int, str], None]  # (tensors done, tensors total, tensor name)
 
 
 class TensorMissing(MergeError):
@@ -231,7 +231,7 @@ def merge_checkpoints(
     rng: Literal["tensor", "mergekit"] = "tensor",
     out_dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 10**9,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     **params: Any,
 ) -> MergeReport:
     """Merge checkpoints tensor by tensor into the folder `output`.
