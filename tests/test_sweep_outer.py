@@ -85,3 +85,16 @@ def test_a_warm_run_starts_from_the_seed_model(sweep):
     model = task.build_model()
     model.load_state_dict(seed)
     assert ddp["eval_loss"] == pytest.approx(task.evaluate(model, "cpu")["eval_loss"], abs=1e-4)  # lr ~0: the seed itself
+
+
+def test_a_partitioned_reduction_sends_merged_slices_back_and_prices_the_owners_traffic(sweep):
+    """reduce: the merged delta comes back re-encoded (a second compression: a different run),
+    and traffic is each delta to its R owners plus the merged slices to the N - R others."""
+    codec = {"encoder": "lowbit", "value_bits": 2, "block_size": 64}
+    plain = sweep.simulate(_run(sweep, peers=4, codec=codec, outer_lr=1.0, outer_mu=0.0))
+    part = sweep.simulate(_run(sweep, peers=4, codec=codec, outer_lr=1.0, outer_mu=0.0,
+                               reduce={"value_bits": 2, "replicas": 2, "feedback": False}))  # fmt: skip
+    assert part["curve"] != plain["curve"]  # the second compression changes the run (round 2 on)
+    reduced = part["reduced_bytes_per_round"] * part["rounds"]
+    expected = 2 * 3 / 4 * part["payload_bytes"] + (4 - 2) * reduced + part["control_bytes"]
+    assert part["traffic_bytes"] == pytest.approx(expected, abs=1) and part["traffic_bytes"] < plain["traffic_bytes"]
