@@ -37,7 +37,7 @@ from p2pmodel.tasks import Task
 from p2pmodel.training import InnerTrainer, LRSchedule, TrainResult, cpu_thread_budget
 from p2pmodel.versioning import Contribution, OuterOptimizer, RoundSpec, build_round_version
 
-__all__ = ["Trainer", "TrainingProgress", "CheckedDelta", "PendingContribution", "resolve_device"]
+__all__ = ["Trainer", "TrainingProgress", "CheckedDelta", "PendingContribution", "VersionJob", "resolve_device"]
 
 logger = get_logger(__name__)
 
@@ -66,6 +66,27 @@ class PendingContribution:
     delta_hash: str
     weight: float
     delta: Mapping[str, torch.Tensor] | bytes
+
+
+@dataclass(frozen=True)
+class VersionJob:
+    """Everything building a round's version takes: the proposal's deltas on the store's base."""
+
+    store: LineageStore
+    spec: RoundSpec
+    deltas: Sequence[PendingContribution]
+    codec: DeltaCodec
+    outer: OuterOptimizer
+    screen: DeltaScreen | None
+
+    def run(self) -> tuple[Version, dict[str, torch.Tensor]]:
+        """Decode the deltas still encoded, then `versioning.build_round_version`."""
+        manifest = self.store.get_version(self.spec.base_version).tensors
+        contributions = [
+            Contribution(d.peer_id, d.delta_hash, d.weight, self.codec.decode(d.delta, manifest) if isinstance(d.delta, bytes) else d.delta)
+            for d in self.deltas
+        ]
+        return build_round_version(self.store, self.spec, contributions, self.outer, self.screen)
 
 
 @dataclass
@@ -231,17 +252,9 @@ class Trainer:
         """A fetched delta decoded (every size checked before allocating) and its values checked."""
         return await self._run_aux(_check_delta, codec, data, manifest)
 
-    async def build_version(
-        self,
-        store: LineageStore,
-        spec: RoundSpec,
-        deltas: Sequence[PendingContribution],
-        codec: DeltaCodec,
-        outer: OuterOptimizer,
-        screen: DeltaScreen | None,
-    ) -> tuple[Version, dict[str, torch.Tensor]]:
-        """Decode what is not decoded yet and build the round's version (p2pmodel.versioning)."""
-        return await self._run_aux(_build_version, store, spec, deltas, codec, outer, screen)
+    async def build_version(self, job: VersionJob) -> tuple[Version, dict[str, torch.Tensor]]:
+        """Decode what is not decoded yet and build the round's version (`VersionJob.run`)."""
+        return await self._run_aux(job.run)
 
     def stop(self) -> None:
         """Ask the current training to end after its current step."""
@@ -271,18 +284,3 @@ def _check_delta(codec: DeltaCodec, data: bytes, manifest: Mapping[str, Any]) ->
         sq += float(t.double().square().sum())
     return CheckedDelta(decoded, math.sqrt(sq), "")
 
-
-def _build_version(
-    store: LineageStore,
-    spec: RoundSpec,
-    deltas: Sequence[PendingContribution],
-    codec: DeltaCodec,
-    outer: OuterOptimizer,
-    screen: DeltaScreen | None,
-) -> tuple[Version, dict[str, torch.Tensor]]:
-    manifest = store.get_version(spec.base_version).tensors
-    contributions = [
-        Contribution(d.peer_id, d.delta_hash, d.weight, codec.decode(d.delta, manifest) if isinstance(d.delta, bytes) else d.delta)
-        for d in deltas
-    ]
-    return build_round_version(store, spec, contributions, outer, screen)
