@@ -1047,7 +1047,7 @@ class RoundRunner:
         certificate = self._certificate(a.round, a.votes)
         metrics = median_metrics([v.metrics for v in a.votes])
         ann = Annotations(metrics=metrics, certificate={"round": a.round, "proposal": a.proposal_hash, "votes": list(certificate),
-                                                        "observed": self._observed(a.round, a.votes[0].base_version)})
+                                                        "observed": self._observed(a.round, a.votes[0].base_version if a.votes else "")})
         candidate = self._candidates.pop(a.version_id, None)
         if candidate is not None:
             await asyncio.to_thread(store.put_version, candidate.version, ann, "main")

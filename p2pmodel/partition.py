@@ -13,8 +13,9 @@ that needs and can be tested without a socket:
   values. The plan depends on the model's layout and `count` only: fixed for an event, so
   slices keep their numbers while peers come and go.
 - `slice_owners`: who owns each slice, by rendezvous hashing of (key, slice, peer): a peer that
-  leaves moves only the slices it owned, so owners (and what an owner keeps, such as the error
-  feedback of what it sends) stay put while the membership does.
+  leaves moves only the slices it owned, so owners stay put while the membership does (no state
+  is tied to an owner: merged slices go back re-encoded without error feedback, which measured
+  as well as with it; scripts/sweep_outer, preset partitioned).
 - `merge_round_by_slices`: the round's merge as owners will compute it, in one process: each
   slice's screen sums, the screen decided on their totals, each slice merged, the slices
   assembled. It gives the version `merge_round` gives (the same id): the reference a

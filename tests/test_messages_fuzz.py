@@ -61,6 +61,8 @@ def _fix(cls: type[m.Message], kw: dict) -> dict:
         kw["peer_id"] = m.peer_id_of(kw["public_key"])
     if cls is m.Proposal:
         kw["deltas"] = list({d[1]: d for d in kw["deltas"]}.values())  # unique delta hashes
+    if cls is m.DeltaAnnouncement:
+        kw["carried"] = min(kw["carried"], kw["samples"])  # carried samples are some of its samples
     if cls.SENDER:
         kw[cls.SENDER] = IDENTITY.peer_id if cls is not m.PeerAnnouncement else kw[cls.SENDER]
     return kw
