@@ -315,3 +315,33 @@ def test_steps_taken_ahead_count_as_the_next_rounds_first_on_the_clock(task):
     step, steps, ahead = asyncio.run(main())
     assert ahead >= 1 and steps == 60
     assert step == 500 + steps  # ahead steps and this round's own, on the swarm's clock
+
+
+def test_busy_seconds_count_training_in_progress_so_steps_taken_ahead_count_in_the_round_they_ran(task):
+    """The training share reads busy_seconds at a round's commit: time spent training ahead while
+    the round merges belongs to that round, even though the training call has not ended."""
+    import asyncio
+    import time
+
+    from p2pmodel.daemon.trainer import Trainer
+
+    async def main() -> tuple[float, float, float]:
+        trainer = Trainer(task, "cpu", lr=1e-2, peer_seed=0, cpu_threads=1)
+        try:
+            base = task.build_model().state_dict()
+            await trainer.start(base)
+            await trainer.train_round(base, 1)
+            finished = trainer.busy_seconds
+            trainer.train_ahead(10_000)  # runs until the next train_round stops it
+            p, deadline = trainer.progress, time.monotonic() + 60
+            while p.step < 2:  # two steps taken ahead (a condition, not a sleep)
+                assert time.monotonic() < deadline, "no steps were taken ahead"
+                await asyncio.sleep(0.01)
+            during = trainer.busy_seconds
+            await trainer.train_round(base, 1)
+            return finished, during, trainer.busy_seconds
+        finally:
+            trainer.close()
+
+    finished, during, after = asyncio.run(main())
+    assert finished < during <= after
